@@ -1,0 +1,315 @@
+"""The one shape every engine's checker has, and what checkers share.
+
+A `Checker` turns a `Target` into `Facts` (server version, address reached,
+TLS facts) or raises `ProbeFailure` with a catalog code. Single-host engines
+implement `check_address()`; the default `check()` resolves the host (through
+the network policy) and tries each address within the one deadline.
+
+`Trace` records where a probe is (resolve, connect, login, query) and how long
+each phase took. The TCP connect inside a driver is observed through
+`traced_create_connection`, installed once on the running loop: it marks the
+moment TCP is established (so a deadline that fires afterwards is a handshake
+timeout, not a connect timeout) and bounds the TCP connect by the connect
+timeout for drivers whose own timeout covers the whole login (asyncpg).
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import errno
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from probe.addresses import HostPort, NetworkPolicy, Resolved, resolve
+from probe.errors import ErrorCode, ProbeFailure
+
+if TYPE_CHECKING:
+    from probe.tls import TLSMaterial
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Target:
+    """Everything a checker needs to probe one endpoint. The password never shows in repr."""
+
+    db_type: str
+    hosts: tuple[HostPort, ...]
+    user: str
+    password: str
+    database: str | None
+    tls: TLSMaterial | None = None
+    policy: NetworkPolicy = field(default_factory=NetworkPolicy)
+
+    @property
+    def label(self) -> str:
+        return ",".join(str(h) for h in self.hosts)
+
+    def __repr__(self) -> str:
+        return f"Target({self.db_type} {self.user}@{self.label}, tls={self.tls is not None})"
+
+
+@dataclass(slots=True)
+class Facts:
+    """What a successful probe learned."""
+
+    server_version: str | None = None
+    address: str | None = None
+    tls: dict[str, str | None] | None = None
+    replica_set: dict[str, Any] | None = None
+
+
+class Trace:
+    """Where one probe is and how long each phase took (milliseconds)."""
+
+    def __init__(self, deadline: float, connect_timeout: float) -> None:
+        self.deadline = deadline  # loop time
+        self.connect_timeout = connect_timeout
+        self.stage = "queued"
+        self.phases: dict[str, float] = {}
+        self.address: str | None = None
+        self.tcp_connected = False
+        # Set by a checker: given the server's first bytes, why they are not
+        # this protocol (None when they may be). Set by the sniffer: that reason.
+        self.first_answer_check: Callable[[bytes], str | None] | None = None
+        self.mismatch: str | None = None
+
+    def remaining(self) -> float:
+        return self.deadline - asyncio.get_running_loop().time()
+
+    def connect_budget(self) -> float:
+        return max(0.0, min(self.connect_timeout, self.remaining()))
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        previous, self.stage = self.stage, name
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = (time.perf_counter() - started) * 1000
+            self.phases[name] = round(self.phases.get(name, 0.0) + elapsed, 3)
+            self.stage = previous if name == "connect" else self.stage
+
+    def timeout_failure(self, target: str) -> ProbeFailure:
+        """The failure to report when the deadline cut this probe where it stood."""
+        if self.mismatch is not None:
+            return ProbeFailure(ErrorCode.PROTOCOL_MISMATCH, target=target, cause=self.mismatch)
+        if self.stage == "resolve":
+            return ProbeFailure(ErrorCode.DNS_FAILURE, target=target, cause="timed out")
+        if self.stage in ("queued", "connect"):
+            return ProbeFailure(ErrorCode.CONNECT_TIMEOUT, target=target, cause=self._waited())
+        return ProbeFailure(ErrorCode.HANDSHAKE_TIMEOUT, target=target, cause=self._waited())
+
+    def _waited(self) -> str:
+        if self.stage == "queued":
+            return "the batch deadline passed before the probe started"
+        return f"waited {sum(self.phases.values()) / 1000:.1f} s" if self.phases else ""
+
+
+_current: ContextVar[Trace | None] = ContextVar("probe_trace", default=None)
+
+
+@contextmanager
+def tracing(trace: Trace) -> Iterator[None]:
+    """Make `trace` the one the loop hook reports TCP connects to, in this task."""
+    install_loop_hook()
+    token = _current.set(trace)
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+def install_loop_hook() -> None:
+    loop = asyncio.get_running_loop()
+    if getattr(loop, "_probe_hooked", False):
+        return
+    original: Callable[..., Awaitable[Any]] = loop.create_connection
+
+    async def create_connection(
+        protocol_factory: Callable[[], asyncio.BaseProtocol], *args: Any, **kwargs: Any
+    ) -> Any:
+        trace = _current.get()
+        # Only plain TCP connects are timed: a call with sock= is a TLS upgrade
+        # of a connection that is already open (aiomysql does this).
+        if trace is None or kwargs.get("sock") is not None:
+            return await original(protocol_factory, *args, **kwargs)
+
+        def sniffing_factory() -> asyncio.BaseProtocol:
+            inner = protocol_factory()
+            if not isinstance(inner, asyncio.Protocol):
+                return inner  # a buffered protocol: nothing to sniff cheaply
+            return _Sniffer(inner, trace)
+
+        with trace.phase("connect"):
+            try:
+                transport, protocol = await asyncio.wait_for(
+                    original(sniffing_factory, *args, **kwargs), trace.connect_budget()
+                )
+            except TimeoutError:
+                raise ProbeFailure(
+                    ErrorCode.CONNECT_TIMEOUT,
+                    target=trace.address or "",
+                    cause=f"no answer within {trace.connect_timeout:g} s",
+                ) from None
+            trace.tcp_connected = True
+            return transport, protocol.inner if isinstance(protocol, _Sniffer) else protocol
+
+    loop.create_connection = create_connection  # type: ignore[method-assign]
+    loop._probe_hooked = True  # type: ignore[attr-defined]
+
+
+class _Sniffer(asyncio.Protocol):
+    """Forwards a transport's events to the driver's protocol, looking at the first bytes.
+
+    When the checker said what a first answer of its protocol looks like
+    (`Trace.first_answer_check`) and the server says something else, the
+    connection is aborted at once and the trace records why: a PostgreSQL
+    probe pointed at a MySQL or SSH port fails in milliseconds, not at its deadline.
+    """
+
+    def __init__(self, inner: asyncio.Protocol, trace: Trace) -> None:
+        self.inner = inner
+        self._trace: Trace | None = trace
+        self._transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        trace = self._trace
+        if trace is not None:
+            self._trace = None
+            check = trace.first_answer_check
+            cause = check(data) if check is not None else None
+            if cause is not None and self._transport is not None:
+                trace.mismatch = cause
+                self._transport.abort()  # type: ignore[attr-defined]
+                return
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
+# ---------------------------------------------------------------- classification helpers
+
+_OS_ERRNO_CODES: dict[int, ErrorCode] = {
+    errno.ECONNREFUSED: ErrorCode.CONNECTION_REFUSED,
+    errno.ENETUNREACH: ErrorCode.NETWORK_UNREACHABLE,
+    errno.EHOSTUNREACH: ErrorCode.NETWORK_UNREACHABLE,
+    errno.EHOSTDOWN: ErrorCode.NETWORK_UNREACHABLE,
+    errno.ECONNRESET: ErrorCode.CONNECTION_RESET,
+    errno.EPIPE: ErrorCode.CONNECTION_RESET,
+    errno.ECONNABORTED: ErrorCode.CONNECTION_RESET,
+    errno.ETIMEDOUT: ErrorCode.CONNECT_TIMEOUT,
+}
+_LOCAL_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
+
+
+def chain(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and everything it was raised from or while handling, without loops."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def network_failure(exc: BaseException, target: str, trace: Trace) -> ProbeFailure | None:
+    """The catalog failure for an OS-level, TLS or stream error anywhere on the chain.
+
+    Checks the most specific evidence first: our own failures, TLS errors, then
+    errnos, then a peer that closed the stream.
+    """
+    if trace.mismatch is not None:
+        return ProbeFailure(ErrorCode.PROTOCOL_MISMATCH, target=target, cause=trace.mismatch)
+    links = list(chain(exc))
+    for link in links:
+        if isinstance(link, ProbeFailure):
+            return link
+    for link in links:
+        if isinstance(link, ssl.SSLCertVerificationError):
+            return ProbeFailure(
+                ErrorCode.SSL_VERIFY_FAILED, target=target, cause=link.verify_message or ""
+            )
+        if isinstance(link, ssl.SSLError) and not isinstance(link, ssl.SSLEOFError):
+            return ProbeFailure(
+                ErrorCode.SSL_HANDSHAKE_FAILED, target=target, cause=link.reason or ""
+            )
+    for link in links:
+        if isinstance(link, OSError) and link.errno in _LOCAL_ERRNOS:
+            return ProbeFailure(
+                ErrorCode.INTERNAL,
+                target=target,
+                cause=f"local resource limit on the prober ({errno.errorcode[link.errno]})",
+            )
+        if isinstance(link, OSError) and link.errno in _OS_ERRNO_CODES:
+            return ProbeFailure(_OS_ERRNO_CODES[link.errno], target=target)
+    for link in links:
+        if isinstance(link, TimeoutError):
+            code = ErrorCode.HANDSHAKE_TIMEOUT if trace.tcp_connected else ErrorCode.CONNECT_TIMEOUT
+            return ProbeFailure(code, target=target)
+        if isinstance(link, (ConnectionError, EOFError, ssl.SSLEOFError)):
+            return ProbeFailure(
+                ErrorCode.CONNECTION_RESET, target=target, cause="connection closed by the server"
+            )
+    return None
+
+
+# Failures after which the next address of the same name is worth trying.
+NEXT_ADDRESS = frozenset(
+    {
+        ErrorCode.CONNECTION_REFUSED,
+        ErrorCode.CONNECT_TIMEOUT,
+        ErrorCode.NETWORK_UNREACHABLE,
+        ErrorCode.NETWORK_POLICY_DENIED,
+    }
+)
+
+
+class Checker(abc.ABC):
+    """One engine family's probe. Subclasses set the class attributes and `check_address`."""
+
+    name: ClassVar[str]
+    default_port: ClassVar[int]
+    default_database: ClassVar[str | None] = None
+    host_list: ClassVar[bool] = False  # the ip field is a host list (MongoDB)
+
+    async def check(self, target: Target, trace: Trace) -> Facts:
+        """Resolve the host and try each allowed address until one answers."""
+        host = target.hosts[0]
+        with trace.phase("resolve"):
+            addresses = await resolve(host, target.policy)
+        failure: ProbeFailure | None = None
+        for address in addresses:
+            trace.address = str(address)
+            trace.tcp_connected = False
+            try:
+                return await self.check_address(target, address, trace)
+            except ProbeFailure as exc:
+                failure = exc
+                if exc.code not in NEXT_ADDRESS or trace.remaining() <= 0:
+                    raise
+        assert failure is not None
+        raise failure
+
+    @abc.abstractmethod
+    async def check_address(self, target: Target, address: Resolved, trace: Trace) -> Facts:
+        """Log in at `address`, run a trivial command, and report the facts."""

@@ -1,0 +1,317 @@
+"""The error catalog of the batch-connection contract, in two languages.
+
+Every failure `probe` reports carries one `ErrorCode`. Request-level codes
+(``DRS.M*``) describe the request itself; per-endpoint codes (``DRS.C*``)
+describe what happened on the wire.
+
+Exception family (flat on purpose)::
+
+    ProbeFailure        one endpoint failed; carries an ErrorCode, the target and a cause
+    RequestInvalid      the request (or one job of it) is invalid; carries an ErrorCode and a field
+
+Messages are built from templates and the few parameters a failure carries
+(target ``host:port``, field path, a short cause). A cause that came from a
+driver is passed through `scrub()` first, so no password reaches a message.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Literal
+
+Language = Literal["en-us", "zh-cn"]
+LANGUAGES: tuple[Language, ...] = ("en-us", "zh-cn")
+
+
+def language(value: str | None) -> Language:
+    """The message language for a request header or flag; anything unknown is en-us."""
+    v = (value or "").strip().lower()
+    return "zh-cn" if v == "zh-cn" else "en-us"
+
+
+class ErrorCode(StrEnum):
+    # request level
+    INVALID_TOKEN = "DRS.M00100"
+    PROJECT_FORBIDDEN = "DRS.M00102"
+    MALFORMED_BODY = "DRS.M00200"
+    PARAMETER_EMPTY = "DRS.M00201"
+    PARAMETER_INVALID = "DRS.M00202"
+    INVALID_PROJECT_ID = "DRS.M00261"
+    TASK_NOT_FOUND = "DRS.10000010"
+    # per endpoint
+    DNS_FAILURE = "DRS.C10010"
+    NETWORK_UNREACHABLE = "DRS.C10011"
+    CONNECTION_REFUSED = "DRS.C10012"
+    CONNECT_TIMEOUT = "DRS.C10013"
+    CONNECTION_RESET = "DRS.C10014"
+    HANDSHAKE_TIMEOUT = "DRS.C10015"
+    PROTOCOL_MISMATCH = "DRS.C10016"
+    NETWORK_POLICY_DENIED = "DRS.C10017"
+    SSL_CERT_INVALID = "DRS.C10020"
+    SSL_CHECKSUM_MISMATCH = "DRS.C10021"
+    SSL_HANDSHAKE_FAILED = "DRS.C10022"
+    SSL_VERIFY_FAILED = "DRS.C10023"
+    SSL_NOT_ENABLED_ON_SERVER = "DRS.C10024"
+    SSL_REQUIRED_BY_SERVER = "DRS.C10025"
+    AUTH_FAILED = "DRS.C10030"
+    AUTH_METHOD_UNSUPPORTED = "DRS.C10031"
+    DATABASE_NOT_FOUND = "DRS.C10032"
+    ACCESS_DENIED = "DRS.C10033"
+    TOO_MANY_CONNECTIONS = "DRS.C10034"
+    SERVER_UNAVAILABLE = "DRS.C10035"
+    NO_REACHABLE_MEMBER = "DRS.C10036"
+    TASK_STATUS_INVALID = "DRS.C10050"
+    DR_FORWARD_NOT_READY = "DRS.C10051"
+    PARENT_TASK_NOT_ALLOWED = "DRS.C10052"
+    INTERNAL = "DRS.C10099"
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogEntry:
+    http_status: int  # for request-level codes; 200 for per-endpoint ones
+    en: str
+    zh: str
+
+
+# Templates may use {target} (host:port), {field} (a parameter path) and {cause}
+# (a short, already scrubbed explanation). Unused parameters are simply ignored.
+CATALOG: dict[ErrorCode, CatalogEntry] = {
+    ErrorCode.INVALID_TOKEN: CatalogEntry(
+        401, "The token is missing or invalid.", "Token 缺失或无效。"
+    ),
+    ErrorCode.PROJECT_FORBIDDEN: CatalogEntry(
+        403,
+        "The token is not allowed to access this project.",
+        "该 Token 无权访问此项目。",
+    ),
+    ErrorCode.MALFORMED_BODY: CatalogEntry(
+        400,
+        "Parameter error: the request body is not valid JSON{cause}.",
+        "参数错误：请求体不是合法的 JSON{cause}。",
+    ),
+    ErrorCode.PARAMETER_EMPTY: CatalogEntry(
+        400, "The parameter {field} is empty.", "参数 {field} 为空。"
+    ),
+    ErrorCode.PARAMETER_INVALID: CatalogEntry(
+        400,
+        "The value of parameter {field} is invalid{cause}.",
+        "参数 {field} 的值无效{cause}。",
+    ),
+    ErrorCode.INVALID_PROJECT_ID: CatalogEntry(
+        403, "Invalid project ID.", "项目 ID 无效。"
+    ),
+    ErrorCode.TASK_NOT_FOUND: CatalogEntry(
+        200, "Task {field} was not found.", "任务 {field} 不存在。"
+    ),
+    ErrorCode.DNS_FAILURE: CatalogEntry(
+        200,
+        "Cannot resolve the host name of {target}{cause}. Check the address.",
+        "无法解析 {target} 的主机名{cause}，请检查地址。",
+    ),
+    ErrorCode.NETWORK_UNREACHABLE: CatalogEntry(
+        200,
+        "No route to {target}: the network is unreachable from here. "
+        "Check routing, the VPC/VPN and security groups.",
+        "无法路由到 {target}：网络不可达。请检查路由、VPC/VPN 和安全组。",
+    ),
+    ErrorCode.CONNECTION_REFUSED: CatalogEntry(
+        200,
+        "Connection to {target} was refused: nothing listens on that port. "
+        "Check the port and that the database is running.",
+        "连接 {target} 被拒绝：该端口没有服务监听。请检查端口以及数据库是否在运行。",
+    ),
+    ErrorCode.CONNECT_TIMEOUT: CatalogEntry(
+        200,
+        "No TCP answer from {target}{cause}. Check the address, firewalls and "
+        "security groups.",
+        "{target} 没有 TCP 响应{cause}。请检查地址、防火墙和安全组。",
+    ),
+    ErrorCode.CONNECTION_RESET: CatalogEntry(
+        200,
+        "{target} closed the connection during the handshake{cause}.",
+        "{target} 在握手期间关闭了连接{cause}。",
+    ),
+    ErrorCode.HANDSHAKE_TIMEOUT: CatalogEntry(
+        200,
+        "{target} accepted the TCP connection but did not complete the "
+        "handshake in time{cause}.",
+        "{target} 接受了 TCP 连接，但未在规定时间内完成握手{cause}。",
+    ),
+    ErrorCode.PROTOCOL_MISMATCH: CatalogEntry(
+        200,
+        "The service at {target} does not speak the expected database protocol{cause}. "
+        "Check the port and the database type.",
+        "{target} 上的服务不是预期的数据库协议{cause}。请检查端口和数据库类型。",
+    ),
+    ErrorCode.NETWORK_POLICY_DENIED: CatalogEntry(
+        200,
+        "Connecting to {target} is not allowed by the network policy.",
+        "网络策略不允许连接 {target}。",
+    ),
+    ErrorCode.SSL_CERT_INVALID: CatalogEntry(
+        200,
+        "The SSL certificate is invalid{cause}.",
+        "SSL 证书无效{cause}。",
+    ),
+    ErrorCode.SSL_CHECKSUM_MISMATCH: CatalogEntry(
+        200,
+        "The SHA-256 checksum of the SSL certificate does not match ssl_cert_check_sum.",
+        "SSL 证书的 SHA-256 校验值与 ssl_cert_check_sum 不一致。",
+    ),
+    ErrorCode.SSL_HANDSHAKE_FAILED: CatalogEntry(
+        200,
+        "The SSL handshake with {target} failed{cause}.",
+        "与 {target} 的 SSL 握手失败{cause}。",
+    ),
+    ErrorCode.SSL_VERIFY_FAILED: CatalogEntry(
+        200,
+        "The server certificate of {target} could not be verified with the given "
+        "certificate{cause}.",
+        "无法使用所提供的证书验证 {target} 的服务器证书{cause}。",
+    ),
+    ErrorCode.SSL_NOT_ENABLED_ON_SERVER: CatalogEntry(
+        200,
+        "SSL is requested but the server at {target} does not offer SSL.",
+        "已要求 SSL 连接，但 {target} 上的服务器未开启 SSL。",
+    ),
+    ErrorCode.SSL_REQUIRED_BY_SERVER: CatalogEntry(
+        200,
+        "The server at {target} requires SSL: set ssl_link to true and provide "
+        "its certificate.",
+        "{target} 上的服务器要求 SSL 连接：请将 ssl_link 设为 true 并提供证书。",
+    ),
+    ErrorCode.AUTH_FAILED: CatalogEntry(
+        200,
+        "Authentication failed at {target}: check the user name and password.",
+        "{target} 认证失败：请检查用户名和密码。",
+    ),
+    ErrorCode.AUTH_METHOD_UNSUPPORTED: CatalogEntry(
+        200,
+        "The server at {target} asks for an authentication method this client "
+        "does not support{cause}.",
+        "{target} 上的服务器要求的认证方式不受支持{cause}。",
+    ),
+    ErrorCode.DATABASE_NOT_FOUND: CatalogEntry(
+        200,
+        "The database does not exist at {target}{cause}.",
+        "{target} 上不存在该数据库{cause}。",
+    ),
+    ErrorCode.ACCESS_DENIED: CatalogEntry(
+        200,
+        "Access denied at {target}: the account may not connect from here or "
+        "lacks the privilege{cause}.",
+        "{target} 拒绝访问：该账号不允许从此处连接或缺少权限{cause}。",
+    ),
+    ErrorCode.TOO_MANY_CONNECTIONS: CatalogEntry(
+        200,
+        "The server at {target} refuses new connections: its connection limit is reached.",
+        "{target} 上的服务器拒绝新连接：已达到连接数上限。",
+    ),
+    ErrorCode.SERVER_UNAVAILABLE: CatalogEntry(
+        200,
+        "The server at {target} is not available{cause}.",
+        "{target} 上的服务器不可用{cause}。",
+    ),
+    ErrorCode.NO_REACHABLE_MEMBER: CatalogEntry(
+        200,
+        "No member of the MongoDB host list could be reached{cause}.",
+        "无法连接 MongoDB 地址列表中的任何成员{cause}。",
+    ),
+    ErrorCode.TASK_STATUS_INVALID: CatalogEntry(
+        200,
+        "Task {field} is not in status CONFIGURATION{cause}.",
+        "任务 {field} 不处于 CONFIGURATION 状态{cause}。",
+    ),
+    ErrorCode.DR_FORWARD_NOT_READY: CatalogEntry(
+        200,
+        "The backward task {field} can be tested only while its forward task is "
+        "INCRE_TRANSFER_STARTED{cause}.",
+        "反向任务 {field} 只能在正向任务处于 INCRE_TRANSFER_STARTED 状态时测试{cause}。",
+    ),
+    ErrorCode.PARENT_TASK_NOT_ALLOWED: CatalogEntry(
+        200,
+        "Task {field} is a parent task and cannot be tested.",
+        "任务 {field} 是父任务，不能进行连接测试。",
+    ),
+    ErrorCode.INTERNAL: CatalogEntry(
+        200,
+        "An internal error occurred while testing {target}.",
+        "测试 {target} 时发生内部错误。",
+    ),
+}
+
+
+def render(
+    code: ErrorCode,
+    lang: Language = "en-us",
+    *,
+    target: str = "",
+    field: str = "",
+    cause: str = "",
+) -> str:
+    """The message for `code` in `lang`. `cause` is appended as ``: cause`` / ``：cause``."""
+    entry = CATALOG[code]
+    template = entry.zh if lang == "zh-cn" else entry.en
+    if cause:
+        cause = ("：" if lang == "zh-cn" else ": ") + cause
+    return template.format(target=target or "the endpoint", field=field, cause=cause)
+
+
+class ProbeFailure(Exception):
+    """Raised when probing one endpoint failed; `code` says how."""
+
+    def __init__(self, code: ErrorCode, *, target: str = "", cause: str = "") -> None:
+        super().__init__(code.value)
+        self.code = code
+        self.target = target
+        self.cause = cause
+
+    def message(self, lang: Language = "en-us") -> str:
+        return render(self.code, lang, target=self.target, cause=self.cause)
+
+    def __str__(self) -> str:
+        return f"{self.code.value}: {self.message()}"
+
+    def __repr__(self) -> str:
+        return f"ProbeFailure({self.code.value}, target={self.target!r})"
+
+
+class RequestInvalid(Exception):
+    """Raised when a request, or one job of it, breaks the contract; `field` names the path."""
+
+    def __init__(
+        self, code: ErrorCode, *, field: str = "", cause: str = "", job_id: str = ""
+    ) -> None:
+        super().__init__(code.value)
+        self.code = code
+        self.field = field
+        self.cause = cause
+        self.job_id = job_id  # the id of the invalid job, when it had a usable one
+
+    @property
+    def http_status(self) -> int:
+        return CATALOG[self.code].http_status
+
+    def message(self, lang: Language = "en-us") -> str:
+        return render(self.code, lang, field=self.field, cause=self.cause)
+
+    def __str__(self) -> str:
+        return f"{self.code.value}: {self.message()}"
+
+
+_URL_USERINFO = re.compile(r"(?<=://)[^/@\s]*@")
+
+
+def scrub(text: str, *secrets: str | None) -> str:
+    """`text` with every secret, and any ``scheme://user:pass@`` userinfo, masked.
+
+    Drivers sometimes echo a DSN or the password in their messages; every
+    driver message passes through here before it becomes a cause.
+    """
+    text = _URL_USERINFO.sub("***@", text)
+    for secret in secrets:
+        if secret and len(secret) >= 3:
+            text = text.replace(secret, "***")
+    return text

@@ -1,0 +1,455 @@
+"""`Prober`: runs a batch of endpoints concurrently and answers in request order.
+
+How a batch runs:
+
+1. `parse_jobs` validates every job (partial mode: an invalid job becomes a
+   failed result; strict mode: the batch is rejected).
+2. Task-state rules, when a provider is configured, fail jobs before any traffic.
+3. Identical probes (same engine, hosts, user, password, database, TLS material)
+   are grouped and run once; every job of the group gets the answer.
+4. Groups are dispatched round-robin across hosts. A slot of the global limiter
+   is taken *before* a task is spawned, so a 100,000-job batch never holds more
+   than `concurrency` tasks; inside the task, a per-host limiter is taken, and
+   only then does the endpoint's deadline start.
+5. Each probe runs under its own deadline (and the batch deadline, if any);
+   when it fires, the code says which phase it cut.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import resource
+import time
+from collections import defaultdict, deque
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream
+
+from probe.addresses import NetworkPolicy
+from probe.checkers import CHECKERS, Checker, Facts, Target, Trace
+from probe.checkers.base import tracing
+from probe.errors import ErrorCode, Language, ProbeFailure, RequestInvalid, language
+from probe.models import (
+    BatchConnectionResponse,
+    CheckJobResp,
+    Endpoint,
+    TLSFacts,
+    parse_jobs,
+)
+from probe.tasks import TaskStateProvider, task_problem
+from probe.tls import MaterialCache
+
+log = logging.getLogger("probe")
+
+# File descriptors kept free for the process itself (logs, the HTTP server, ...),
+# and the most one probe holds at once (aiomysql's TLS upgrade dups its socket).
+_FD_RESERVE = 64
+_FDS_PER_PROBE = 2
+
+
+def fd_capacity() -> int:
+    """How many probes the file-descriptor limit leaves room for."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 20
+    return max(1, (soft - _FD_RESERVE) // _FDS_PER_PROBE)
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """One settings object for the library, the CLI flags and the PROBE_* variables."""
+
+    deadline: float = 10.0
+    connect_timeout: float = 5.0
+    concurrency: int = 256
+    per_host: int = 16
+    batch_deadline: float | None = None
+    language: Language = "en-us"
+    detail: bool = False
+    strict: bool = False
+    verify_hostname: bool = False
+    policy: NetworkPolicy = field(default_factory=NetworkPolicy)
+
+    def __post_init__(self) -> None:
+        if self.deadline <= 0 or self.connect_timeout <= 0:
+            raise ValueError("timeouts must be positive")
+        if self.concurrency < 1 or self.per_host < 1:
+            raise ValueError("concurrency and per_host must be at least 1")
+
+    @property
+    def effective_concurrency(self) -> int:
+        return min(self.concurrency, fd_capacity())
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> ProbeSettings:
+        """Settings from PROBE_TIMEOUT, PROBE_CONNECT_TIMEOUT, PROBE_CONCURRENCY, PROBE_PER_HOST,
+        PROBE_BATCH_TIMEOUT, PROBE_LANG, PROBE_VERIFY_HOSTNAME; `overrides` (not None) win."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name, key, kind in (
+            ("deadline", "PROBE_TIMEOUT", float),
+            ("connect_timeout", "PROBE_CONNECT_TIMEOUT", float),
+            ("concurrency", "PROBE_CONCURRENCY", int),
+            ("per_host", "PROBE_PER_HOST", int),
+            ("batch_deadline", "PROBE_BATCH_TIMEOUT", float),
+        ):
+            if env.get(key):
+                try:
+                    values[name] = kind(env[key])
+                except ValueError:
+                    raise ValueError(f"{key} must be a number") from None
+        if env.get("PROBE_LANG"):
+            values["language"] = language(env["PROBE_LANG"])
+        if env.get("PROBE_VERIFY_HOSTNAME"):
+            values["verify_hostname"] = env["PROBE_VERIFY_HOSTNAME"].lower() in ("1", "true", "yes")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What probing one distinct endpoint gave: facts or a failure, and timings."""
+
+    facts: Facts | None
+    failure: ProbeFailure | None
+    elapsed_ms: float
+    phases: dict[str, float]
+
+    def result(
+        self, endpoint: Endpoint, lang: Language, detail: bool
+    ) -> CheckJobResp:
+        if self.failure is None:
+            resp = CheckJobResp(id=endpoint.id, status="success", success=True)
+        else:
+            resp = CheckJobResp(
+                id=endpoint.id,
+                status="failed",
+                success=False,
+                error_code=self.failure.code.value,
+                error_msg=self.failure.message(lang),
+            )
+        if detail:
+            facts = self.facts or Facts()
+            resp.end_point_type = endpoint.end_point_type
+            resp.elapsed_ms = round(self.elapsed_ms, 3)
+            resp.phases = self.phases
+            resp.server_version = facts.server_version
+            resp.address = facts.address
+            resp.tls = TLSFacts(**facts.tls) if facts.tls else None
+            resp.replica_set = facts.replica_set
+        return resp
+
+
+def failed_result(
+    job_id: str, problem: RequestInvalid | ProbeFailure, lang: Language, end_point_type: str | None
+) -> CheckJobResp:
+    return CheckJobResp(
+        id=job_id,
+        status="failed",
+        success=False,
+        error_code=problem.code.value,
+        error_msg=problem.message(lang),
+        end_point_type=end_point_type,  # type: ignore[arg-type]
+    )
+
+
+Emit = Callable[[int, CheckJobResp], None]
+ProbeObserver = Callable[[str, Outcome], None]
+
+
+class Prober:
+    """Probes batches of endpoints. One Prober may serve many concurrent batches:
+    its global and per-host limits hold across all of them."""
+
+    def __init__(
+        self,
+        settings: ProbeSettings | None = None,
+        *,
+        task_states: TaskStateProvider | None = None,
+        checkers: Mapping[str, Checker] | None = None,
+        observer: ProbeObserver | None = None,
+    ) -> None:
+        self.settings = settings or ProbeSettings()
+        self.task_states = task_states
+        self.checkers: Mapping[str, Checker] = checkers or CHECKERS
+        self.observer = observer
+        self.materials = MaterialCache()
+        self.probes_started = 0
+        self._limiter = anyio.CapacityLimiter(self.settings.effective_concurrency)
+        self._hosts: dict[str, tuple[anyio.CapacityLimiter, int]] = {}
+
+    # ------------------------------------------------------------ public API
+
+    async def run(
+        self,
+        body: Any,
+        *,
+        detail: bool | None = None,
+        strict: bool | None = None,
+        lang: str | None = None,
+    ) -> BatchConnectionResponse:
+        """Probe every job of `body` (a request dict or model); results in request order.
+
+        Raises RequestInvalid when the request is unusable (and, in strict mode,
+        when any job is invalid).
+        """
+        jobs = parse_jobs(body, strict=self.settings.strict if strict is None else strict)
+        results: list[CheckJobResp | None] = [None] * len(jobs)
+
+        def emit(index: int, result: CheckJobResp) -> None:
+            results[index] = result
+
+        await self._execute(jobs, emit, self._lang(lang), self._detail(detail))
+        done = [r for r in results if r is not None]
+        assert len(done) == len(jobs), "every job gets a result"
+        return BatchConnectionResponse(results=done, count=len(done))
+
+    @asynccontextmanager
+    async def stream(
+        self,
+        body: Any,
+        *,
+        detail: bool | None = None,
+        strict: bool | None = None,
+        lang: str | None = None,
+    ) -> AsyncIterator[MemoryObjectReceiveStream[tuple[int, CheckJobResp]]]:
+        """Results as they complete, each with its job's index::
+
+            async with prober.stream(body) as results:
+                async for index, result in results:
+                    ...
+
+        Leaving the block early cancels the probes still running.
+        """
+        jobs = parse_jobs(body, strict=self.settings.strict if strict is None else strict)
+        send, receive = anyio.create_memory_object_stream[tuple[int, CheckJobResp]](math.inf)
+
+        async def produce() -> None:
+            with send:
+                await self._execute(
+                    jobs,
+                    lambda index, result: send.send_nowait((index, result)),
+                    self._lang(lang),
+                    self._detail(detail),
+                )
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(produce)
+            with receive:
+                try:
+                    yield receive
+                finally:
+                    tg.cancel_scope.cancel()
+
+    async def probe(self, endpoint: Endpoint) -> Outcome:
+        """Probe one validated endpoint under the configured deadline (no limiter)."""
+        return await self._probe_endpoint(endpoint, self._now() + self.settings.deadline)
+
+    # ------------------------------------------------------------ internals
+
+    def _lang(self, lang: str | None) -> Language:
+        return self.settings.language if lang is None else language(lang)
+
+    def _detail(self, detail: bool | None) -> bool:
+        return self.settings.detail if detail is None else detail
+
+    @staticmethod
+    def _now() -> float:
+        return anyio.current_time()
+
+    async def _execute(
+        self,
+        jobs: Sequence[Endpoint | RequestInvalid],
+        emit: Emit,
+        lang: Language,
+        detail: bool,
+    ) -> None:
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for index, job in enumerate(jobs):
+            if isinstance(job, RequestInvalid):
+                emit(index, failed_result(job.job_id, job, lang, None))
+                continue
+            if self.task_states is not None:
+                problem = await task_problem(self.task_states, job.id)
+                if problem is not None:
+                    emit(index, failed_result(job.id, problem, lang,
+                                              job.end_point_type if detail else None))
+                    continue
+            groups.setdefault(_dedupe_key(job), []).append(index)
+
+        batch_deadline = (
+            self._now() + self.settings.batch_deadline if self.settings.batch_deadline else math.inf
+        )
+        pending = deque(_round_robin(groups, jobs))
+        async with anyio.create_task_group() as tg:
+            with anyio.CancelScope(deadline=batch_deadline):
+                while pending:
+                    indices = pending[0]
+                    token = object()
+                    await self._limiter.acquire_on_behalf_of(token)
+                    pending.popleft()
+                    tg.start_soon(self._run_group, jobs, indices, token, batch_deadline,
+                                  emit, lang, detail)
+        # The batch deadline passed before these could start.
+        for indices in pending:
+            endpoint = jobs[indices[0]]
+            assert isinstance(endpoint, Endpoint)
+            failure = Trace(batch_deadline, 0).timeout_failure(_label(endpoint))
+            outcome = Outcome(None, failure, 0.0, {})
+            for index in indices:
+                emit(index, outcome.result(_endpoint(jobs, index), lang, detail))
+
+    async def _run_group(
+        self,
+        jobs: Sequence[Endpoint | RequestInvalid],
+        indices: list[int],
+        token: object,
+        batch_deadline: float,
+        emit: Emit,
+        lang: Language,
+        detail: bool,
+    ) -> None:
+        endpoint = _endpoint(jobs, indices[0])
+        try:
+            async with self._host_limit(endpoint.hosts()[0].host):
+                deadline = min(self._now() + self.settings.deadline, batch_deadline)
+                outcome = await self._probe_endpoint(endpoint, deadline)
+        finally:
+            self._limiter.release_on_behalf_of(token)
+        for index in indices:
+            emit(index, outcome.result(_endpoint(jobs, index), lang, detail))
+
+    @asynccontextmanager
+    async def _host_limit(self, host: str) -> AsyncIterator[None]:
+        limiter, users = self._hosts.get(host) or (anyio.CapacityLimiter(self.settings.per_host), 0)
+        self._hosts[host] = (limiter, users + 1)
+        try:
+            async with limiter:
+                yield
+        finally:
+            limiter, users = self._hosts[host]
+            if users == 1:
+                del self._hosts[host]
+            else:
+                self._hosts[host] = (limiter, users - 1)
+
+    async def _probe_endpoint(self, endpoint: Endpoint, deadline: float) -> Outcome:
+        self.probes_started += 1
+        trace = Trace(deadline, self.settings.connect_timeout)
+        label = _label(endpoint)
+        started = time.perf_counter()
+        facts: Facts | None = None
+        failure: ProbeFailure | None = None
+        try:
+            with anyio.CancelScope(deadline=deadline) as scope, tracing(trace):
+                target = await self._target(endpoint)
+                facts = await self.checkers[endpoint.db_type].check(target, trace)
+            if scope.cancelled_caught:
+                facts, failure = None, trace.timeout_failure(trace.address or label)
+        except ProbeFailure as exc:
+            failure = exc if exc.target else _with_target(exc, trace.address or label)
+        except Exception as exc:  # a bug of ours or a driver's: answer, never escape
+            log.error("internal error probing %s: %s", label, type(exc).__name__)
+            failure = ProbeFailure(ErrorCode.INTERNAL, target=label)
+        outcome = Outcome(facts, failure, (time.perf_counter() - started) * 1000, trace.phases)
+        if self.observer is not None:
+            self.observer(endpoint.db_type, outcome)
+        return outcome
+
+    async def _target(self, endpoint: Endpoint) -> Target:
+        tls = None
+        if endpoint.ssl_link:
+            assert endpoint.ssl_cert_key is not None
+            tls = await anyio.to_thread.run_sync(
+                lambda: self.materials.load(
+                    endpoint.ssl_cert_key.get_secret_value(),  # type: ignore[union-attr]
+                    endpoint.ssl_cert_name or "",
+                    endpoint.ssl_cert_check_sum or "",
+                    endpoint.ssl_cert_password.get_secret_value()
+                    if endpoint.ssl_cert_password
+                    else None,
+                    self.settings.verify_hostname,
+                )
+            )
+        return Target(
+            db_type=endpoint.db_type,
+            hosts=endpoint.hosts(),
+            user=endpoint.db_user,
+            password=endpoint.db_password.get_secret_value(),
+            database=endpoint.database(),
+            tls=tls,
+            policy=self.settings.policy,
+        )
+
+
+def _endpoint(jobs: Sequence[Endpoint | RequestInvalid], index: int) -> Endpoint:
+    job = jobs[index]
+    assert isinstance(job, Endpoint)
+    return job
+
+
+def _label(endpoint: Endpoint) -> str:
+    return ",".join(str(h) for h in endpoint.hosts())
+
+
+def _with_target(exc: ProbeFailure, target: str) -> ProbeFailure:
+    return ProbeFailure(exc.code, target=target, cause=exc.cause)
+
+
+def _dedupe_key(job: Endpoint) -> tuple[Any, ...]:
+    """Jobs with equal keys are the same probe (ids and end_point_type aside)."""
+    checker = CHECKERS.get(job.db_type)
+    return (
+        checker.name if checker else job.db_type,
+        job.hosts(),
+        job.db_user,
+        job.db_password.get_secret_value(),
+        job.database(),
+        job.ssl_link,
+        (job.ssl_cert_check_sum or "").lower() if job.ssl_link else None,
+        job.ssl_cert_password.get_secret_value() if job.ssl_cert_password else None,
+    )
+
+
+def _round_robin(
+    groups: dict[tuple[Any, ...], list[int]], jobs: Sequence[Endpoint | RequestInvalid]
+) -> list[list[int]]:
+    """Groups interleaved across hosts, so one busy host does not hold up the others."""
+    by_host: dict[str, deque[list[int]]] = defaultdict(deque)
+    for indices in groups.values():
+        by_host[_endpoint(jobs, indices[0]).hosts()[0].host].append(indices)
+    order: list[list[int]] = []
+    queues = list(by_host.values())
+    while queues:
+        for queue in queues:
+            order.append(queue.popleft())
+        queues = [q for q in queues if q]
+    return order
+
+
+def run_batch(
+    body: Any, settings: ProbeSettings | None = None, **kwargs: Any
+) -> BatchConnectionResponse:
+    """Synchronous helper: probe `body` on a fresh event loop (uvloop when installed)."""
+    prober = Prober(settings)
+
+    async def main() -> BatchConnectionResponse:
+        return await prober.run(body, **kwargs)
+
+    return anyio.run(main, backend_options={"use_uvloop": uvloop_available()})
+
+
+def uvloop_available() -> bool:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+

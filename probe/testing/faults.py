@@ -1,0 +1,194 @@
+"""Misbehaving TCP endpoints on loopback, for tests, the demo and the benchmarks.
+
+- `refused_port()`: a port bound but not listening: connects get RST (refused).
+- `Blackhole`: a listener whose accept queue is full, so the kernel drops SYNs
+  and a connect times out, as against a firewalled host.
+- `FaultServer`: accepts TCP, then per `mode`: ``silent`` never speaks;
+  ``greeting`` sends `greeting` then stalls; ``garbage`` sends an SSH-like
+  banner then stalls; ``reset`` closes at once with RST; ``close`` closes
+  cleanly after reading the first bytes.
+
+Everything binds to 127.0.0.1 only and runs on its own thread, so sync code
+(the demo, benchmarks) and async tests can use it alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+import threading
+from types import TracebackType
+from typing import Literal
+
+HOST = "127.0.0.1"
+Mode = Literal["silent", "greeting", "garbage", "reset", "close"]
+
+SSH_BANNER = b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3\r\n"
+
+
+def mysql_greeting(version: bytes = b"10.11.6-MariaDB") -> bytes:
+    """A well-formed MySQL protocol-10 greeting packet (sequence 0)."""
+    payload = (
+        b"\x0a" + version + b"\x00"
+        + struct.pack("<I", 7)  # thread id
+        + b"abcdefgh\x00"  # auth-plugin-data part 1 + filler
+        + struct.pack("<H", 0xF7FF)  # capabilities (lower), no CLIENT_SSL
+        + b"\x21"  # utf8 charset
+        + struct.pack("<H", 2)  # status
+        + struct.pack("<H", 0x81BF)  # capabilities (upper)
+        + b"\x15" + b"\x00" * 10
+        + b"ijklmnopqrst\x00"
+        + b"mysql_native_password\x00"
+    )
+    return struct.pack("<I", len(payload))[:3] + b"\x00" + payload
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+class _Bound:
+    """A bound socket held open for the life of the object."""
+
+    sock: socket.socket
+
+    @property
+    def port(self) -> int:
+        return int(self.sock.getsockname()[1])
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> _Bound:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RefusedPort(_Bound):
+    """A port that is bound (so nobody else takes it) but never listens: connects are refused."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind((HOST, 0))
+
+
+def refused_port() -> RefusedPort:
+    return RefusedPort()
+
+
+class Blackhole(_Bound):
+    """A listener with a full accept queue: the kernel drops further SYNs, so connects hang."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind((HOST, 0))
+        self.sock.listen(0)
+        self._fillers: list[socket.socket] = []
+        # Fill the accept queue (its length is backlog + 1), then check that a
+        # further connect really hangs.
+        for _ in range(8):
+            filler = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect((HOST, self.port))
+            self._fillers.append(filler)
+            if self._hangs():
+                return
+        raise RuntimeError("could not fill the accept queue of the blackhole listener")
+
+    def _hangs(self) -> bool:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.settimeout(0.2)
+            try:
+                probe.connect((HOST, self.port))
+            except (TimeoutError, OSError):
+                return True
+        return False
+
+    def close(self) -> None:
+        for filler in self._fillers:
+            filler.close()
+        super().close()
+
+
+class FaultServer:
+    """A TCP server on its own thread that misbehaves as `mode` says."""
+
+    def __init__(self, mode: Mode, greeting: bytes = b"") -> None:
+        self.mode = mode
+        self.greeting = greeting if mode == "greeting" else SSH_BANNER
+        self.port = 0
+        self.accepted = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def start(self) -> FaultServer:
+        self._thread.start()
+        self._server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._handle, HOST, 0, backlog=1024), self._loop
+        ).result(timeout=10)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        return self
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        self._writers.add(writer)
+        try:
+            if self.mode == "reset":
+                sock = writer.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                writer.transport.abort()
+                return
+            if self.mode == "close":
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(reader.read(1), 5)
+                writer.close()
+                return
+            if self.mode in ("greeting", "garbage"):
+                writer.write(self.greeting)
+            # Stall: read and drop whatever comes until the client leaves.
+            while await reader.read(65536):
+                pass
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+    def stop(self) -> None:
+        async def shutdown() -> None:
+            if self._server is not None:
+                self._server.close()
+            for writer in list(self._writers):
+                writer.transport.abort()
+            if self._server is not None:
+                await self._server.wait_closed()
+
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout=10)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+        self._loop.close()
+
+    def __enter__(self) -> FaultServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
