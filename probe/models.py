@@ -205,7 +205,7 @@ def _path(index: int, loc: Sequence[str | int]) -> str:
 def problem_from(exc: ValidationError, index: int) -> RequestInvalid:
     """The one problem to report for an invalid job: missing fields first, then the rest."""
     errors = exc.errors(include_input=False, include_url=False)
-    errors.sort(key=lambda e: (e["type"] not in _MISSING_TYPES, e["loc"]))
+    errors.sort(key=lambda e: e["type"] not in _MISSING_TYPES)  # stable: field order
     first = errors[0]
     missing = first["type"] in _MISSING_TYPES
     code = ErrorCode.PARAMETER_EMPTY if missing else ErrorCode.PARAMETER_INVALID
@@ -225,7 +225,9 @@ def parse_job(raw: Any, index: int) -> Endpoint | RequestInvalid:
     try:
         return Endpoint.model_validate(raw)
     except ValidationError as exc:
-        return problem_from(exc, index)
+        problem = problem_from(exc, index)
+        problem.job_id = job_id(raw)
+        return problem
 
 
 def parse_jobs(body: Any, *, strict: bool = False) -> list[Endpoint | RequestInvalid]:
@@ -253,6 +255,5 @@ def parse_jobs(body: Any, *, strict: bool = False) -> list[Endpoint | RequestInv
 
 def job_id(raw: Any) -> str:
     """The id to answer an invalid job with: its own when it is a string, else empty."""
-    if isinstance(raw, dict) and isinstance(raw.get("id"), str) and len(raw["id"]) <= 64:
-        return str(raw["id"])
-    return ""
+    value = raw.get("id") if isinstance(raw, dict) else None
+    return value if isinstance(value, str) and _ID.match(value) else ""

@@ -22,6 +22,7 @@ import math
 import os
 import resource
 import time
+import traceback
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -355,7 +356,10 @@ class Prober:
         except ProbeFailure as exc:
             failure = exc if exc.target else _with_target(exc, trace.address or label)
         except Exception as exc:  # a bug of ours or a driver's: answer, never escape
-            log.error("internal error probing %s: %s", label, type(exc).__name__)
+            # Where, not what: an exception's text may quote a driver's DSN.
+            frame = traceback.extract_tb(exc.__traceback__)[-1]
+            log.error("internal error probing %s: %s at %s:%s", label, type(exc).__name__,
+                      frame.filename, frame.lineno)
             failure = ProbeFailure(ErrorCode.INTERNAL, target=label)
         outcome = Outcome(facts, failure, (time.perf_counter() - started) * 1000, trace.phases)
         if self.observer is not None:

@@ -2,15 +2,17 @@
 
 A `Checker` turns a `Target` into `Facts` (server version, address reached,
 TLS facts) or raises `ProbeFailure` with a catalog code. Single-host engines
-implement `check_address()`; the default `check()` resolves the host (through
-the network policy) and tries each address within the one deadline.
+(`SingleHostChecker`) implement `check_address()`; their `check()` resolves the
+host (through the network policy) and tries each address within the deadline.
 
 `Trace` records where a probe is (resolve, connect, login, query) and how long
-each phase took. The TCP connect inside a driver is observed through
-`traced_create_connection`, installed once on the running loop: it marks the
+each phase took. The TCP connect inside a driver is observed through a
+`create_connection` hook installed once on the running loop: it marks the
 moment TCP is established (so a deadline that fires afterwards is a handshake
 timeout, not a connect timeout) and bounds the TCP connect by the connect
-timeout for drivers whose own timeout covers the whole login (asyncpg).
+timeout for drivers whose own timeout covers the whole login (asyncpg). It
+also lets a checker judge the server's first bytes (`_Sniffer`), so a probe
+pointed at the wrong kind of server fails at once as a protocol mismatch.
 """
 
 from __future__ import annotations
@@ -77,6 +79,8 @@ class Trace:
         # this protocol (None when they may be). Set by the sniffer: that reason.
         self.first_answer_check: Callable[[bytes], str | None] | None = None
         self.mismatch: str | None = None
+        self.on_mismatch: Callable[[], object] | None = None  # called when `mismatch` is set
+        self.closed_unanswered = False  # a server closed a connection before sending a byte
 
     def remaining(self) -> float:
         return self.deadline - asyncio.get_running_loop().time()
@@ -130,21 +134,28 @@ def install_loop_hook() -> None:
     if getattr(loop, "_probe_hooked", False):
         return
     original: Callable[..., Awaitable[Any]] = loop.create_connection
+    original_sock_connect: Callable[..., Awaitable[Any]] = loop.sock_connect
 
     async def create_connection(
         protocol_factory: Callable[[], asyncio.BaseProtocol], *args: Any, **kwargs: Any
     ) -> Any:
         trace = _current.get()
-        # Only plain TCP connects are timed: a call with sock= is a TLS upgrade
-        # of a connection that is already open (aiomysql does this).
-        if trace is None or kwargs.get("sock") is not None:
+        if trace is None:
             return await original(protocol_factory, *args, **kwargs)
 
         def sniffing_factory() -> asyncio.BaseProtocol:
             inner = protocol_factory()
-            if not isinstance(inner, asyncio.Protocol):
-                return inner  # a buffered protocol: nothing to sniff cheaply
-            return _Sniffer(inner, trace)
+            if isinstance(inner, asyncio.BufferedProtocol):
+                return _BufferedSniffer(inner, trace)
+            if isinstance(inner, asyncio.Protocol):
+                return _Sniffer(inner, trace)
+            return inner
+
+        if kwargs.get("sock") is not None:
+            # An already connected socket (PyMongo connects it with sock_connect,
+            # aiomysql hands it over for TLS): look at its bytes, time nothing.
+            transport, protocol = await original(sniffing_factory, *args, **kwargs)
+            return transport, getattr(protocol, "inner", protocol)
 
         with trace.phase("connect"):
             try:
@@ -158,9 +169,17 @@ def install_loop_hook() -> None:
                     cause=f"no answer within {trace.connect_timeout:g} s",
                 ) from None
             trace.tcp_connected = True
-            return transport, protocol.inner if isinstance(protocol, _Sniffer) else protocol
+            return transport, getattr(protocol, "inner", protocol)
+
+    async def sock_connect(sock: Any, address: Any) -> None:
+        # PyMongo connects its own sockets (with its own timeout); note success.
+        await original_sock_connect(sock, address)
+        trace = _current.get()
+        if trace is not None:
+            trace.tcp_connected = True
 
     loop.create_connection = create_connection  # type: ignore[method-assign]
+    loop.sock_connect = sock_connect  # type: ignore[method-assign]
     loop._probe_hooked = True  # type: ignore[attr-defined]
 
 
@@ -173,31 +192,42 @@ class _Sniffer(asyncio.Protocol):
     probe pointed at a MySQL or SSH port fails in milliseconds, not at its deadline.
     """
 
-    def __init__(self, inner: asyncio.Protocol, trace: Trace) -> None:
-        self.inner = inner
+    def __init__(self, inner: asyncio.BaseProtocol, trace: Trace) -> None:
+        self.inner: Any = inner
         self._trace: Trace | None = trace
-        self._transport: asyncio.BaseTransport | None = None
+        self._transport: Any = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
         self.inner.connection_made(transport)
 
+    def _first_bytes_wrong(self, data: bytes) -> bool:
+        """Judge the first bytes once; True when the connection was aborted for them."""
+        trace, self._trace = self._trace, None
+        check = trace.first_answer_check if trace is not None else None
+        cause = check(data) if check is not None else None
+        if trace is None or cause is None or self._transport is None:
+            return False
+        trace.mismatch = cause
+        self._transport.abort()
+        if trace.on_mismatch is not None:
+            trace.on_mismatch()
+        return True
+
     def data_received(self, data: bytes) -> None:
-        trace = self._trace
-        if trace is not None:
-            self._trace = None
-            check = trace.first_answer_check
-            cause = check(data) if check is not None else None
-            if cause is not None and self._transport is not None:
-                trace.mismatch = cause
-                self._transport.abort()  # type: ignore[attr-defined]
-                return
+        if self._trace is not None and self._first_bytes_wrong(data):
+            return
         self.inner.data_received(data)
 
     def eof_received(self) -> bool | None:
-        return self.inner.eof_received()
+        if self._trace is not None:
+            self._trace.closed_unanswered = True
+        keep_open: bool | None = self.inner.eof_received()
+        return keep_open
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._trace is not None and isinstance(exc, ConnectionResetError):
+            self._trace.closed_unanswered = True
         self.inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
@@ -205,6 +235,23 @@ class _Sniffer(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.inner.resume_writing()
+
+
+class _BufferedSniffer(_Sniffer, asyncio.BufferedProtocol):
+    """The same, for a driver protocol that reads into its own buffers (PyMongo)."""
+
+    _buffer: Any = None
+
+    def get_buffer(self, sizehint: int) -> Any:
+        self._buffer = self.inner.get_buffer(sizehint)
+        return self._buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._trace is not None and nbytes and self._first_bytes_wrong(
+            bytes(self._buffer[:nbytes])
+        ):
+            return
+        self.inner.buffer_updated(nbytes)
 
 
 # ---------------------------------------------------------------- classification helpers
@@ -285,12 +332,20 @@ NEXT_ADDRESS = frozenset(
 
 
 class Checker(abc.ABC):
-    """One engine family's probe. Subclasses set the class attributes and `check_address`."""
+    """One engine family's probe: `check()` returns Facts or raises ProbeFailure."""
 
     name: ClassVar[str]
     default_port: ClassVar[int]
     default_database: ClassVar[str | None] = None
     host_list: ClassVar[bool] = False  # the ip field is a host list (MongoDB)
+
+    @abc.abstractmethod
+    async def check(self, target: Target, trace: Trace) -> Facts:
+        """Probe `target` within `trace`'s deadline."""
+
+
+class SingleHostChecker(Checker):
+    """An engine reached at one host: subclasses implement `check_address`."""
 
     async def check(self, target: Target, trace: Trace) -> Facts:
         """Resolve the host and try each allowed address until one answers."""

@@ -25,7 +25,7 @@ import anyio
 from pymysql.constants import CLIENT, CR, ER
 
 from probe.addresses import Resolved
-from probe.checkers.base import Checker, Facts, Target, Trace, network_failure
+from probe.checkers.base import Facts, SingleHostChecker, Target, Trace, network_failure
 from probe.errors import ErrorCode, ProbeFailure, scrub
 from probe.tls import tls_facts
 
@@ -108,7 +108,7 @@ class _ProbeConnection(aiomysql.Connection):  # type: ignore[misc]
                            cause="the server accepted TCP but sent no greeting")
 
 
-class MySQLChecker(Checker):
+class MySQLChecker(SingleHostChecker):
     name = "mysql"
     default_port = 3306
 

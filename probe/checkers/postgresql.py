@@ -14,7 +14,7 @@ import asyncpg
 import asyncpg.exceptions as pgerr
 
 from probe.addresses import Resolved
-from probe.checkers.base import Checker, Facts, Target, Trace, network_failure
+from probe.checkers.base import Facts, SingleHostChecker, Target, Trace, network_failure
 from probe.errors import ErrorCode, ProbeFailure, scrub
 from probe.tls import tls_facts
 
@@ -33,7 +33,7 @@ _SQLSTATE_CODES: dict[str, ErrorCode] = {
 }
 
 
-class PostgreSQLChecker(Checker):
+class PostgreSQLChecker(SingleHostChecker):
     name = "postgresql"
     default_port = 5432
     default_database = "postgres"

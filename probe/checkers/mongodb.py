@@ -1,0 +1,328 @@
+"""MongoDB and DDS, through PyMongo's native async API (`pymongo.AsyncMongoClient`).
+
+Credentials go in as ``username=``/``password=``/``authSource=`` arguments,
+never pasted into a URI. One host: ``directConnection=True``; several: the
+driver discovers the replica set. Every PyMongo timeout is bounded by what is
+left of the endpoint's deadline (PyMongo otherwise waits 30 s to select a
+server), and the client is closed on every path.
+
+When server selection fails, the driver's topology description says what each
+member answered; that, not the error text, decides the code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import struct
+import tempfile
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import anyio
+from pymongo import AsyncMongoClient
+from pymongo.errors import (
+    AutoReconnect,
+    ConfigurationError,
+    NetworkTimeout,
+    OperationFailure,
+    ProtocolError,
+    PyMongoError,
+    ServerSelectionTimeoutError,
+)
+from pymongo.monitoring import (
+    ServerHeartbeatFailedEvent,
+    ServerHeartbeatListener,
+    ServerHeartbeatStartedEvent,
+    ServerHeartbeatSucceededEvent,
+)
+
+from probe.addresses import HostPort, resolve
+from probe.checkers.base import Checker, Facts, Target, Trace, chain, network_failure
+from probe.errors import ErrorCode, ProbeFailure, scrub
+
+# MongoDB server error codes (src/mongo/base/error_codes.yml).
+_SERVER_CODES: dict[int, ErrorCode] = {
+    18: ErrorCode.AUTH_FAILED,  # AuthenticationFailed
+    11: ErrorCode.AUTH_FAILED,  # UserNotFound
+    13: ErrorCode.ACCESS_DENIED,  # Unauthorized
+    334: ErrorCode.AUTH_METHOD_UNSUPPORTED,  # MechanismUnavailable
+    91: ErrorCode.SERVER_UNAVAILABLE,  # ShutdownInProgress
+    11600: ErrorCode.SERVER_UNAVAILABLE,  # InterruptedAtShutdown
+    11602: ErrorCode.SERVER_UNAVAILABLE,  # InterruptedDueToReplStateChange
+    13436: ErrorCode.SERVER_UNAVAILABLE,  # NotPrimaryOrSecondary (recovering)
+    189: ErrorCode.SERVER_UNAVAILABLE,  # PrimarySteppedDown
+}
+_MIN_MS = 100  # PyMongo rejects timeouts of 0
+# PyMongo's server selection wakes every 0.5 s (MIN_HEARTBEAT_INTERVAL) to look
+# at its clock, so it may overshoot its timeout by that much: end it earlier
+# than our deadline, so that its topology description decides the code.
+_SELECTION_MARGIN = 0.6
+
+
+def _ms(seconds: float) -> int:
+    return max(_MIN_MS, int(seconds * 1000))
+
+
+@contextlib.contextmanager
+def _ca_file(ca_pem: bytes | None) -> Iterator[str | None]:
+    """The CA certificates in a private file (PyMongo wants a path), removed on every path."""
+    if ca_pem is None:
+        yield None
+        return
+    fd, path = tempfile.mkstemp(prefix="probe-ca-", suffix=".pem")  # mode 0600
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(ca_pem)
+        yield path
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def _seed(host: HostPort) -> str:
+    return f"[{host.host}]:{host.port}" if host.is_ipv6 else f"{host.host}:{host.port}"
+
+
+class MongoDBChecker(Checker):
+    name = "mongodb"
+    default_port = 27017
+    default_database = "admin"
+    host_list = True
+
+    async def check(self, target: Target, trace: Trace) -> Facts:
+        with trace.phase("resolve"):
+            seeds = await self._allowed_seeds(target)
+        trace.address = ",".join(_seed(h) for h in seeds)
+        remaining = trace.remaining()
+        single = len(seeds) == 1
+        heartbeat = _FirstHeartbeat()
+        client: AsyncMongoClient[dict[str, Any]] | None = None
+        try:
+            with trace.phase("login"):
+                tls: dict[str, Any] = {"tls": target.tls is not None}
+                with _ca_file(target.tls.ca_pem if target.tls else None) as ca_file:
+                    if target.tls is not None:
+                        tls["tlsCAFile"] = ca_file
+                        tls["tlsAllowInvalidHostnames"] = not target.tls.context.check_hostname
+                    # The client loads the CA file when it is built: the file can go at once.
+                    client = AsyncMongoClient(
+                        [_seed(h) for h in seeds],
+                        username=target.user,
+                        password=target.password,
+                        authSource=target.database or "admin",
+                        directConnection=len(seeds) == 1,
+                        serverSelectionTimeoutMS=_ms(remaining - _SELECTION_MARGIN),
+                        connectTimeoutMS=_ms(min(trace.connect_timeout, remaining)),
+                        socketTimeoutMS=_ms(remaining),
+                        appname="probe",
+                        maxPoolSize=1,
+                        retryReads=False,
+                        retryWrites=False,
+                        connect=False,
+                        event_listeners=[heartbeat] if single else [],
+                        **tls,
+                    )
+                await self._ping(client, trace, heartbeat if single else None)
+            with trace.phase("query"):
+                build = await client.admin.command("buildInfo")
+            return Facts(
+                server_version=str(build.get("version")) if build.get("version") else None,
+                address=trace.address,
+                replica_set=_replica_set(client),
+            )
+        except ProbeFailure:
+            raise
+        except PyMongoError as exc:
+            raise classify(exc, target, trace, client) from None
+        finally:
+            if client is not None:
+                with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                    await client.close()
+
+    @staticmethod
+    async def _ping(
+        client: AsyncMongoClient[dict[str, Any]], trace: Trace, heartbeat: _FirstHeartbeat | None
+    ) -> None:
+        """Authenticate and ping.
+
+        With one host, stop as soon as the answer is known to be no: its first
+        bytes show it is not MongoDB, or its first heartbeat failed (PyMongo
+        would otherwise keep retrying until server selection times out).
+        """
+        if heartbeat is None:
+            await client.admin.command("ping")
+            return
+        trace.first_answer_check = first_answer_problem
+        with anyio.CancelScope() as scope:
+            trace.on_mismatch = heartbeat.on_failure = scope.cancel
+            await client.admin.command("ping")
+        if not scope.cancelled_caught:
+            return
+        where = trace.address or ""
+        if trace.mismatch is not None:
+            raise ProbeFailure(ErrorCode.PROTOCOL_MISMATCH, target=where, cause=trace.mismatch)
+        raise _member_failure(heartbeat.error, where, trace, single=True)
+
+    async def _allowed_seeds(self, target: Target) -> list[HostPort]:
+        """The listed hosts that resolve and that the network policy allows."""
+        allowed: list[HostPort] = []
+        failure: ProbeFailure | None = None
+        for host in target.hosts:
+            try:
+                await resolve(host, target.policy)
+            except ProbeFailure as exc:
+                failure = exc
+                continue
+            allowed.append(host)
+        if not allowed:
+            assert failure is not None
+            if len(target.hosts) > 1:
+                raise ProbeFailure(
+                    ErrorCode.NO_REACHABLE_MEMBER,
+                    cause=f"no listed host resolves or is allowed ({failure.code.value})",
+                )
+            raise failure
+        return allowed
+
+
+class _FirstHeartbeat(ServerHeartbeatListener):
+    """Catches the first failed heartbeat of a one-host client."""
+
+    def __init__(self) -> None:
+        self.error: BaseException | None = None
+        self.on_failure: Callable[[], object] | None = None
+
+    def started(self, event: ServerHeartbeatStartedEvent) -> None:
+        pass
+
+    def succeeded(self, event: ServerHeartbeatSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: ServerHeartbeatFailedEvent) -> None:
+        if self.error is None and isinstance(event.reply, BaseException):
+            self.error = event.reply
+            if self.on_failure is not None:
+                self.on_failure()
+
+
+def _replica_set(client: AsyncMongoClient[dict[str, Any]]) -> dict[str, Any] | None:
+    description = client.topology_description
+    servers = description.server_descriptions()
+    name = description.replica_set_name
+    if name is None:
+        return None
+    members: set[str] = set()
+    for sd in servers.values():
+        members.update(f"{h}:{p}" for h, p in sd.all_hosts)
+    return {
+        "name": name,
+        "members": sorted(members),
+        "answered": sorted(f"{h}:{p}" for (h, p), sd in servers.items() if sd.error is None
+                           and sd.server_type_name != "Unknown"),
+    }
+
+
+_ERRNO_TEXT = re.compile(r"\[Errno (-?\d+)\]")
+
+
+def first_answer_problem(data: bytes) -> str | None:
+    """Why `data` cannot start a MongoDB reply, or None (a 16-byte header:
+    length, request id, response-to, opcode OP_REPLY/OP_COMPRESSED/OP_MSG)."""
+    if data.startswith(b"SSH-"):
+        return "an SSH server answers on this port"
+    if len(data) >= 5 and data[3] == 0 and data[4] == 10:
+        return "a MySQL server answers on this port"
+    if len(data) < 16:
+        return None
+    length, _, _, opcode = struct.unpack_from("<iiii", data)
+    if opcode not in (1, 2012, 2013) or not 16 <= length <= 48_000_000:
+        if data[:1] in (b"E", b"N", b"R"):
+            return "a PostgreSQL server answers on this port"
+        return "the server's answer is not MongoDB"
+    return None
+
+
+def _member_failure(
+    error: BaseException | None, where: str, trace: Trace, single: bool
+) -> ProbeFailure:
+    """What one member's error means.
+
+    PyMongo keeps only its own wrapper of a monitor's error (no cause chain),
+    so the evidence is, in order: our own observations (the first bytes, the
+    TCP connect), the exception class, and the errno PyMongo quotes.
+    """
+    if single and trace.mismatch is not None:
+        return ProbeFailure(ErrorCode.PROTOCOL_MISMATCH, target=where, cause=trace.mismatch)
+    if error is None:
+        return ProbeFailure(ErrorCode.SERVER_UNAVAILABLE, target=where,
+                            cause="the member answers but is neither primary nor secondary")
+    found = network_failure(error, where, trace)
+    if found is not None and found.code is not ErrorCode.CONNECTION_RESET:
+        return found
+    for link in chain(error):
+        if isinstance(link, OperationFailure) and link.code in _SERVER_CODES:
+            return ProbeFailure(_SERVER_CODES[link.code], target=where)
+        if isinstance(link, ProtocolError):
+            return ProbeFailure(ErrorCode.PROTOCOL_MISMATCH, target=where,
+                                cause="the server's answer is not MongoDB")
+        if isinstance(link, NetworkTimeout):
+            connected = single and trace.tcp_connected
+            code = ErrorCode.HANDSHAKE_TIMEOUT if connected else ErrorCode.CONNECT_TIMEOUT
+            return ProbeFailure(code, target=where)
+    quoted = _ERRNO_TEXT.search(str(error))
+    if quoted is not None:
+        number = int(quoted.group(1))
+        if number < 0:  # getaddrinfo's EAI_* codes are negative
+            return ProbeFailure(ErrorCode.DNS_FAILURE, target=where, cause="no such host")
+        return network_failure(OSError(number, ""), where, trace) or ProbeFailure(
+            ErrorCode.INTERNAL, target=where, cause=f"errno {number}"
+        )
+    if single and trace.closed_unanswered:
+        # mongod always answers a hello; a server that hangs up on it is
+        # something else (PostgreSQL does exactly this), or demands TLS.
+        return ProbeFailure(ErrorCode.PROTOCOL_MISMATCH, target=where,
+                            cause="the server closed the connection without answering the "
+                                  "MongoDB hello: it is not MongoDB, or it requires TLS")
+    if found is not None or isinstance(error, AutoReconnect):
+        return ProbeFailure(ErrorCode.CONNECTION_RESET, target=where,
+                            cause="connection closed by the server")
+    return ProbeFailure(ErrorCode.INTERNAL, target=where, cause=type(error).__name__)
+
+
+def classify(
+    exc: PyMongoError,
+    target: Target,
+    trace: Trace,
+    client: AsyncMongoClient[dict[str, Any]] | None,
+) -> ProbeFailure:
+    """The one place PyMongo errors become catalog codes."""
+    where = trace.address or target.label
+    if isinstance(exc, OperationFailure):
+        code = _SERVER_CODES.get(exc.code or 0)
+        if code is not None:
+            return ProbeFailure(code, target=where)
+        return ProbeFailure(ErrorCode.INTERNAL, target=where, cause=f"server error {exc.code}")
+    if isinstance(exc, ConfigurationError):
+        return ProbeFailure(ErrorCode.INTERNAL, target=where,
+                            cause=scrub(str(exc), target.password)[:200])
+    servers = client.topology_description.server_descriptions() if client is not None else {}
+    if isinstance(exc, ServerSelectionTimeoutError) and servers:
+        single = len(target.hosts) == 1
+        failures = {
+            f"{host}:{port}": _member_failure(sd.error, f"{host}:{port}", trace, single)
+            for (host, port), sd in servers.items()
+        }
+        if len(target.hosts) == 1 and len(failures) == 1:
+            return next(iter(failures.values()))
+        listed = {_seed(h) for h in target.hosts}
+        advertised = sorted(set(failures) - listed)
+        summary = "; ".join(f"{m}: {f.code.value}" for m, f in sorted(failures.items()))
+        if advertised:
+            summary = (f"the listed hosts answered, then advertised members that cannot be "
+                       f"reached from here: {summary}")
+        else:
+            summary = f"tried {summary}"
+        return ProbeFailure(ErrorCode.NO_REACHABLE_MEMBER, target=where, cause=summary[:600])
+    return _member_failure(exc, where, trace, len(target.hosts) == 1)
