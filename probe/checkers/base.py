@@ -256,6 +256,21 @@ class _BufferedSniffer(_Sniffer, asyncio.BufferedProtocol):
 
 # ---------------------------------------------------------------- classification helpers
 
+
+def describe_stranger(data: bytes) -> str | None:
+    """What kind of server sent `data` first, when it is one we can name."""
+    if data.startswith(b"SSH-"):
+        return "an SSH server answers on this port"
+    # MySQL greeting: 3-byte length, sequence 0, protocol version 10, version text.
+    if len(data) >= 6 and data[3] == 0 and data[4] == 10 and data[5:6].isdigit():
+        return "a MySQL server answers on this port"
+    if data[:1] in (b"R", b"E") and len(data) >= 5 and data[1:3] == b"\0\0":
+        return "a PostgreSQL server answers on this port"
+    if data[:5] in (b"HTTP/", b"<html", b"<!DOC"):
+        return "an HTTP server answers on this port"
+    return None
+
+
 _OS_ERRNO_CODES: dict[int, ErrorCode] = {
     errno.ECONNREFUSED: ErrorCode.CONNECTION_REFUSED,
     errno.ENETUNREACH: ErrorCode.NETWORK_UNREACHABLE,

@@ -39,7 +39,15 @@ from pymongo.monitoring import (
 )
 
 from probe.addresses import HostPort, resolve
-from probe.checkers.base import Checker, Facts, Target, Trace, chain, network_failure
+from probe.checkers.base import (
+    Checker,
+    Facts,
+    Target,
+    Trace,
+    chain,
+    describe_stranger,
+    network_failure,
+)
 from probe.errors import ErrorCode, ProbeFailure, scrub
 
 # MongoDB server error codes (src/mongo/base/error_codes.yml).
@@ -114,7 +122,11 @@ class MongoDBChecker(Checker):
                         authSource=target.database or "admin",
                         directConnection=len(seeds) == 1,
                         serverSelectionTimeoutMS=_ms(remaining - _SELECTION_MARGIN),
-                        connectTimeoutMS=_ms(min(trace.connect_timeout, remaining)),
+                        # Below the selection timeout, so a failed first check
+                        # (not the selection timeout) ends a one-host probe.
+                        connectTimeoutMS=_ms(
+                            min(trace.connect_timeout, remaining - _SELECTION_MARGIN - 0.1)
+                        ),
                         socketTimeoutMS=_ms(remaining),
                         appname="probe",
                         maxPoolSize=1,
@@ -230,22 +242,16 @@ _ERRNO_TEXT = re.compile(r"\[Errno (-?\d+)\]")
 def first_answer_problem(data: bytes) -> str | None:
     """Why `data` cannot start a MongoDB reply, or None (a 16-byte header:
     length, request id, response-to, opcode OP_REPLY/OP_COMPRESSED/OP_MSG)."""
-    if data.startswith(b"SSH-"):
-        return "an SSH server answers on this port"
-    if len(data) >= 5 and data[3] == 0 and data[4] == 10:
-        return "a MySQL server answers on this port"
     if len(data) < 16:
-        return None
+        return None  # too little to judge
     length, _, _, opcode = struct.unpack_from("<iiii", data)
-    if opcode not in (1, 2012, 2013) or not 16 <= length <= 48_000_000:
-        if data[:1] in (b"E", b"N", b"R"):
-            return "a PostgreSQL server answers on this port"
-        return "the server's answer is not MongoDB"
-    return None
+    if opcode in (1, 2012, 2013) and 16 <= length <= 48_000_000:
+        return None
+    return describe_stranger(data) or "the server's answer is not MongoDB"
 
 
 def _member_failure(
-    error: BaseException | None, where: str, trace: Trace, single: bool
+    error: BaseException | None, where: str, trace: Trace, single: bool, unknown: bool = True
 ) -> ProbeFailure:
     """What one member's error means.
 
@@ -255,6 +261,10 @@ def _member_failure(
     """
     if single and trace.mismatch is not None:
         return ProbeFailure(ErrorCode.PROTOCOL_MISMATCH, target=where, cause=trace.mismatch)
+    if error is None and unknown:  # its first check has not finished: no answer in time
+        connected = single and trace.tcp_connected
+        code = ErrorCode.HANDSHAKE_TIMEOUT if connected else ErrorCode.CONNECT_TIMEOUT
+        return ProbeFailure(code, target=where)
     if error is None:
         return ProbeFailure(ErrorCode.SERVER_UNAVAILABLE, target=where,
                             cause="the member answers but is neither primary nor secondary")
@@ -311,7 +321,8 @@ def classify(
     if isinstance(exc, ServerSelectionTimeoutError) and servers:
         single = len(target.hosts) == 1
         failures = {
-            f"{host}:{port}": _member_failure(sd.error, f"{host}:{port}", trace, single)
+            f"{host}:{port}": _member_failure(sd.error, f"{host}:{port}", trace, single,
+                                              unknown=sd.server_type_name == "Unknown")
             for (host, port), sd in servers.items()
         }
         if len(target.hosts) == 1 and len(failures) == 1:

@@ -14,7 +14,14 @@ import asyncpg
 import asyncpg.exceptions as pgerr
 
 from probe.addresses import Resolved
-from probe.checkers.base import Facts, SingleHostChecker, Target, Trace, network_failure
+from probe.checkers.base import (
+    Facts,
+    SingleHostChecker,
+    Target,
+    Trace,
+    describe_stranger,
+    network_failure,
+)
 from probe.errors import ErrorCode, ProbeFailure, scrub
 from probe.tls import tls_facts
 
@@ -88,13 +95,13 @@ def first_answer_problem(data: bytes) -> str | None:
     an authentication request (R), an error (E), a protocol negotiation (v),
     or, to an SSLRequest, one byte S or N.
     """
-    if data.startswith(b"SSH-"):
-        return "an SSH server answers on this port"
-    if len(data) >= 5 and data[3] == 0 and data[4] == 10:
-        return "a MySQL server answers on this port"
-    if data[:1] not in (b"R", b"E", b"v", b"N", b"S"):
-        return "the server's answer is not PostgreSQL"
-    return None
+    if data in (b"N", b"S"):
+        return None
+    if data[:1] in (b"R", b"E", b"v") and (
+        len(data) < 5 or 8 <= int.from_bytes(data[1:5], "big") <= 1_000_000
+    ):
+        return None
+    return describe_stranger(data) or "the server's answer is not PostgreSQL"
 
 
 def classify(exc: BaseException, target: Target, address: Resolved, trace: Trace) -> ProbeFailure:
