@@ -11,7 +11,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 
@@ -22,6 +22,13 @@ from probe.runner import Prober, ProbeSettings, uvloop_available
 
 class InputError(Exception):
     """Raised when the command line or the input file cannot be used; exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (exit 2), not a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def _positive(kind: type[float] | type[int]) -> Any:
@@ -67,10 +74,10 @@ def settings_from(args: argparse.Namespace) -> ProbeSettings:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="probe", description="Test connectivity to database endpoints in batches."
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="probe a batch-connection request (JSON file or -)")
     run.add_argument("file", help="request body {\"jobs\": [...]}, or - for stdin")

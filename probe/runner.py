@@ -361,6 +361,9 @@ class Prober:
             log.error("internal error probing %s: %s at %s:%s", label, type(exc).__name__,
                       frame.filename, frame.lineno)
             failure = ProbeFailure(ErrorCode.INTERNAL, target=label)
+        if failure is not None and failure.code is ErrorCode.INTERNAL and failure.cause:
+            # The cause is a class name or a number, never driver text: safe to log.
+            log.warning("unclassified failure probing %s: %s", label, failure.cause)
         outcome = Outcome(facts, failure, (time.perf_counter() - started) * 1000, trace.phases)
         if self.observer is not None:
             self.observer(endpoint.db_type, outcome)

@@ -36,9 +36,15 @@ MONGO_USERS = (
 )
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
+@pytest.fixture(
+    params=[
+        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
+        pytest.param(("asyncio", {"use_uvloop": False}), id="asyncio"),
+    ]
+)
+def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, bool]]:
+    """Every async test runs on uvloop (what the CLI and service use) and on plain asyncio."""
+    return request.param  # type: ignore[no-any-return]
 
 
 @pytest.fixture(scope="session")

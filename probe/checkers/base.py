@@ -183,7 +183,7 @@ def install_loop_hook() -> None:
     loop._probe_hooked = True  # type: ignore[attr-defined]
 
 
-class _Sniffer(asyncio.Protocol):
+class _Forwarder(asyncio.BaseProtocol):
     """Forwards a transport's events to the driver's protocol, looking at the first bytes.
 
     When the checker said what a first answer of its protocol looks like
@@ -214,11 +214,6 @@ class _Sniffer(asyncio.Protocol):
             trace.on_mismatch()
         return True
 
-    def data_received(self, data: bytes) -> None:
-        if self._trace is not None and self._first_bytes_wrong(data):
-            return
-        self.inner.data_received(data)
-
     def eof_received(self) -> bool | None:
         if self._trace is not None:
             self._trace.closed_unanswered = True
@@ -237,8 +232,21 @@ class _Sniffer(asyncio.Protocol):
         self.inner.resume_writing()
 
 
-class _BufferedSniffer(_Sniffer, asyncio.BufferedProtocol):
-    """The same, for a driver protocol that reads into its own buffers (PyMongo)."""
+class _Sniffer(_Forwarder, asyncio.Protocol):
+    """A forwarder for a driver protocol that takes bytes (asyncpg, aiomysql)."""
+
+    def data_received(self, data: bytes) -> None:
+        if self._trace is not None and self._first_bytes_wrong(data):
+            return
+        self.inner.data_received(data)
+
+
+class _BufferedSniffer(_Forwarder, asyncio.BufferedProtocol):
+    """A forwarder for a driver protocol that reads into its own buffers (PyMongo).
+
+    Deliberately not a subclass of asyncio.Protocol: event loops (uvloop among
+    them) choose the buffered path by what the protocol is an instance of.
+    """
 
     _buffer: Any = None
 

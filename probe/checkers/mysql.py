@@ -17,6 +17,7 @@ aiomysql needs three corrections for a prober, all made here:
 from __future__ import annotations
 
 import asyncio
+import errno
 import struct
 from typing import Any
 
@@ -64,6 +65,18 @@ class _ProbeConnection(aiomysql.Connection):  # type: ignore[misc]
         self._probe_trace = trace
         self._probe_target = str(target.hosts[0])
         self._probe_wants_tls = target.tls is not None
+
+    def _set_keep_alive(self) -> None:
+        # A server that resets at once can close the transport before aiomysql
+        # tunes the socket; aiomysql then raises a RuntimeError. Say what it is.
+        if self._writer.transport.get_extra_info("socket") is None:
+            raise ConnectionResetError(errno.ECONNRESET, "connection reset by the server")
+        super()._set_keep_alive()
+
+    def _set_nodelay(self, value: bool) -> None:
+        if self._writer.transport.get_extra_info("socket") is None:
+            raise ConnectionResetError(errno.ECONNRESET, "connection reset by the server")
+        super()._set_nodelay(value)
 
     async def _get_server_information(self) -> None:
         await self._await_greeting()
@@ -170,9 +183,9 @@ def _version(info: str | None) -> str | None:
 def classify(exc: BaseException, target: Target, address: Resolved, trace: Trace) -> ProbeFailure:
     """The one place MySQL errors become catalog codes."""
     where = str(address)
-    errno = exc.args[0] if isinstance(exc, aiomysql.Error) and exc.args else None
-    if isinstance(errno, int) and errno != CR.CR_CONN_HOST_ERROR:
-        code = _ERRNO_CODES.get(errno)
+    number = exc.args[0] if isinstance(exc, aiomysql.Error) and exc.args else None
+    if isinstance(number, int) and number != CR.CR_CONN_HOST_ERROR:
+        code = _ERRNO_CODES.get(number)
         message = scrub(str(exc.args[1]) if len(exc.args) > 1 else "", target.password)
         if code is ErrorCode.DATABASE_NOT_FOUND:
             return ProbeFailure(code, target=where, cause=f"db_name {target.database!r}")
@@ -181,8 +194,8 @@ def classify(exc: BaseException, target: Target, address: Resolved, trace: Trace
             return ProbeFailure(code, target=where)
         if code is not None:
             return ProbeFailure(code, target=where, cause=message[:200])
-        if errno < 2000:  # a server error we have no class for
-            return ProbeFailure(ErrorCode.INTERNAL, target=where, cause=f"MySQL error {errno}")
+        if number < 2000:  # a server error we have no class for
+            return ProbeFailure(ErrorCode.INTERNAL, target=where, cause=f"MySQL error {number}")
     found = network_failure(exc, where, trace)
     if found is not None:
         return found

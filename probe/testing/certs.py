@@ -102,6 +102,16 @@ class ServerTLS:
     def leaf(self) -> x509.Certificate:
         return pem_certificates(self.cert_chain_pem)[0]
 
+    def server_context(self) -> ssl.SSLContext:
+        """A server-side context with this certificate and key (for the Mongo wire server)."""
+        import tempfile
+
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        with tempfile.TemporaryDirectory(prefix="probe-tls-") as tmp:
+            files = self.write(Path(tmp))
+            context.load_cert_chain(files.cert_path, files.key_path)
+        return context
+
 
 def pem_certificates(data: bytes) -> list[x509.Certificate]:
     return x509.load_pem_x509_certificates(data)

@@ -1,0 +1,100 @@
+"""The `probe` command as a user runs it: a real process, real servers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from probe.testing import mariadb as m
+from probe.testing import postgres as p
+from probe.testing.mariadb import MariaDBServer
+from probe.testing.postgres import PostgresServer
+from tests.conftest import Faults, job
+
+PROBE = [sys.executable, "-m", "probe.cli", "run"]
+
+
+def run(args: list[str], stdin: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*PROBE, *args], input=stdin, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def write(tmp_path: Path, body: Any) -> str:
+    path = tmp_path / "batch.json"
+    path.write_text(json.dumps(body), encoding="utf-8")
+    return str(path)
+
+
+def test_200_mixed_endpoints_in_about_one_timeout(
+    tmp_path: Path, pg: PostgresServer, maria: MariaDBServer, faults: Faults
+) -> None:
+    jobs = []
+    for i in range(200):
+        kind = i % 4
+        if kind == 0:
+            body = (job("postgresql", pg.port, p.SCRAM_USER.name, p.SCRAM_USER.password)
+                    if i % 8 == 0 else job("mysql", maria.port, m.NATIVE_USER.name,
+                                           m.NATIVE_USER.password))
+        elif kind == 1:
+            body = job("mysql", maria.port, m.NATIVE_USER.name, f"wrong-{i}")
+        elif kind == 2:
+            body = job("postgresql", faults.refused.port, f"user{i}", "p")
+        else:
+            body = job("mysql", faults.blackhole.port, f"user{i}", "p")
+        jobs.append({**body, "id": f"job-{i:03d}"})
+    started = time.monotonic()
+    done = run([write(tmp_path, {"jobs": jobs}), "--timeout", "2", "--connect-timeout", "1",
+                "--per-host", "256", "--detail"])
+    wall = time.monotonic() - started
+    assert done.returncode == 1, done.stderr
+    out = json.loads(done.stdout)
+    assert out["count"] == 200
+    assert [r["id"] for r in out["results"]] == [f"job-{i:03d}" for i in range(200)]
+    by_kind: dict[int, set[str | None]] = {0: set(), 1: set(), 2: set(), 3: set()}
+    for i, result in enumerate(out["results"]):
+        by_kind[i % 4].add(result.get("error_code"))
+        if i % 4 == 3:
+            assert 900 <= result["elapsed_ms"] < 1800, result  # the 1 s connect timeout
+    assert by_kind == {0: {None}, 1: {"DRS.C10030"}, 2: {"DRS.C10012"}, 3: {"DRS.C10013"}}
+    assert wall < 10  # about one timeout (plus interpreter start), not the sum of them
+    assert "Traceback" not in done.stderr
+
+
+def test_exit_codes_and_formats(tmp_path: Path, faults: Faults, pg: PostgresServer) -> None:
+    good = job("postgresql", pg.port, p.SCRAM_USER.name, p.SCRAM_USER.password)
+    ok = run([write(tmp_path, {"jobs": [good]})])
+    assert ok.returncode == 0 and json.loads(ok.stdout)["results"][0]["success"] is True
+
+    refused = job("mysql", faults.refused.port, "u", "p")
+    table = run(["-", "--format", "table", "--lang", "zh-cn"], stdin=json.dumps({"jobs": [refused]}))
+    assert table.returncode == 1
+    assert "DRS.C10012" in table.stdout and "拒绝" in table.stdout
+
+    partial = run(["-"], stdin=json.dumps({"jobs": [refused, {"id": "x", "db_type": "db2"}]}))
+    assert partial.returncode == 1
+    assert [r["error_code"] for r in json.loads(partial.stdout)["results"]] == [
+        "DRS.C10012", "DRS.M00201"]
+
+    strict = run(["-", "--strict"], stdin=json.dumps({"jobs": [refused, {"id": "x"}]}))
+    assert strict.returncode == 2 and strict.stdout == ""
+    assert strict.stderr.startswith("probe: DRS.M00201") and "jobs[1]" in strict.stderr
+
+
+def test_bad_input_is_one_line_never_a_traceback(tmp_path: Path) -> None:
+    cases = [
+        (["/no/such/file.json"], None),
+        (["-"], "{not json"),
+        (["-"], "[]"),
+        (["-"], '{"jobs": []}'),
+        (["-", "--timeout", "-1"], '{"jobs": []}'),
+        (["-", "--concurrency", "many"], '{"jobs": []}'),
+    ]
+    for args, stdin in cases:
+        done = run(args, stdin)
+        assert done.returncode == 2, (args, done.stderr)
+        assert "Traceback" not in done.stderr
+        assert len(done.stderr.strip().splitlines()) <= 2, done.stderr
