@@ -184,8 +184,8 @@ CATALOG: dict[ErrorCode, CatalogEntry] = {
     ),
     ErrorCode.AUTH_FAILED: CatalogEntry(
         200,
-        "Authentication failed at {target}: check the user name and password.",
-        "{target} 认证失败：请检查用户名和密码。",
+        "Authentication failed at {target}: check the user name and password{cause}.",
+        "{target} 认证失败：请检查用户名和密码{cause}。",
     ),
     ErrorCode.AUTH_METHOD_UNSUPPORTED: CatalogEntry(
         200,
@@ -251,10 +251,14 @@ def render(
     field: str = "",
     cause: str = "",
 ) -> str:
-    """The message for `code` in `lang`. `cause` is appended as ``: cause`` / ``：cause``."""
+    """The message for `code` in `lang`.
+
+    `cause` is appended as ``: cause`` (``：cause``), or as it is when it starts
+    with its own separator (``;``).
+    """
     entry = CATALOG[code]
     template = entry.zh if lang == "zh-cn" else entry.en
-    if cause:
+    if cause and not cause.startswith(";"):
         cause = ("：" if lang == "zh-cn" else ": ") + cause
     return template.format(target=target or "the endpoint", field=field, cause=cause)
 

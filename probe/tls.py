@@ -52,6 +52,8 @@ def decode(cert_b64: str) -> bytes:
         data = base64.b64decode(compact, validate=True)
     except (binascii.Error, ValueError):
         raise _invalid("ssl_cert_key is not valid base64") from None
+    if base64.b64encode(data).decode("ascii") != compact:  # extra padding, stray bits
+        raise _invalid("ssl_cert_key is not valid base64")
     if not data:
         raise _invalid("empty")
     if len(data) > MAX_CERT_BYTES:

@@ -81,6 +81,8 @@ class Trace:
         self.mismatch: str | None = None
         self.on_mismatch: Callable[[], object] | None = None  # called when `mismatch` is set
         self.closed_unanswered = False  # a server closed a connection before sending a byte
+        self.first_answer: bytes | None = None  # the first bytes a server sent, if any
+        self.server_offers_tls = False  # the server's greeting advertised TLS (MySQL)
 
     def remaining(self) -> float:
         return self.deadline - asyncio.get_running_loop().time()
@@ -204,6 +206,8 @@ class _Forwarder(asyncio.BaseProtocol):
     def _first_bytes_wrong(self, data: bytes) -> bool:
         """Judge the first bytes once; True when the connection was aborted for them."""
         trace, self._trace = self._trace, None
+        if trace is not None and trace.first_answer is None:
+            trace.first_answer = bytes(data[:16])
         check = trace.first_answer_check if trace is not None else None
         cause = check(data) if check is not None else None
         if trace is None or cause is None or self._transport is None:
@@ -265,8 +269,18 @@ class _BufferedSniffer(_Forwarder, asyncio.BufferedProtocol):
 # ---------------------------------------------------------------- classification helpers
 
 
+TLS_SPEAKER = "the server speaks TLS from the first byte on this port"
+
+
+def looks_like_tls(data: bytes | None) -> bool:
+    """A TLS record: handshake (22) or alert (21), version 3.x."""
+    return data is not None and len(data) >= 3 and data[0] in (21, 22) and data[1] == 3
+
+
 def describe_stranger(data: bytes) -> str | None:
     """What kind of server sent `data` first, when it is one we can name."""
+    if looks_like_tls(data):
+        return TLS_SPEAKER
     if data.startswith(b"SSH-"):
         return "an SSH server answers on this port"
     # MySQL greeting: 3-byte length, sequence 0, protocol version 10, version text.
@@ -308,6 +322,8 @@ def network_failure(exc: BaseException, target: str, trace: Trace) -> ProbeFailu
     Checks the most specific evidence first: our own failures, TLS errors, then
     errnos, then a peer that closed the stream.
     """
+    if trace.mismatch == TLS_SPEAKER:
+        return ProbeFailure(ErrorCode.SSL_REQUIRED_BY_SERVER, target=target)
     if trace.mismatch is not None:
         return ProbeFailure(ErrorCode.PROTOCOL_MISMATCH, target=target, cause=trace.mismatch)
     links = list(chain(exc))

@@ -40,12 +40,14 @@ from pymongo.monitoring import (
 
 from probe.addresses import HostPort, resolve
 from probe.checkers.base import (
+    TLS_SPEAKER,
     Checker,
     Facts,
     Target,
     Trace,
     chain,
     describe_stranger,
+    looks_like_tls,
     network_failure,
 )
 from probe.errors import ErrorCode, ProbeFailure, scrub
@@ -242,6 +244,8 @@ _ERRNO_TEXT = re.compile(r"\[Errno (-?\d+)\]")
 def first_answer_problem(data: bytes) -> str | None:
     """Why `data` cannot start a MongoDB reply, or None (a 16-byte header:
     length, request id, response-to, opcode OP_REPLY/OP_COMPRESSED/OP_MSG)."""
+    if looks_like_tls(data):
+        return TLS_SPEAKER
     if len(data) < 16:
         return None  # too little to judge
     length, _, _, opcode = struct.unpack_from("<iiii", data)
@@ -260,7 +264,8 @@ def _member_failure(
     TCP connect), the exception class, and the errno PyMongo quotes.
     """
     if single and trace.mismatch is not None:
-        return ProbeFailure(ErrorCode.PROTOCOL_MISMATCH, target=where, cause=trace.mismatch)
+        return network_failure(error or Exception(), where, trace) or ProbeFailure(
+            ErrorCode.PROTOCOL_MISMATCH, target=where, cause=trace.mismatch)
     if error is None and unknown:  # its first check has not finished: no answer in time
         connected = single and trace.tcp_connected
         code = ErrorCode.HANDSHAKE_TIMEOUT if connected else ErrorCode.CONNECT_TIMEOUT
@@ -281,7 +286,11 @@ def _member_failure(
             connected = single and trace.tcp_connected
             code = ErrorCode.HANDSHAKE_TIMEOUT if connected else ErrorCode.CONNECT_TIMEOUT
             return ProbeFailure(code, target=where)
-    quoted = _ERRNO_TEXT.search(str(error))
+    text = str(error)
+    tls = _tls_failure(text, where)
+    if tls is not None:
+        return tls
+    quoted = _ERRNO_TEXT.search(text)
     if quoted is not None:
         number = int(quoted.group(1))
         if number < 0:  # getaddrinfo's EAI_* codes are negative
@@ -299,6 +308,22 @@ def _member_failure(
         return ProbeFailure(ErrorCode.CONNECTION_RESET, target=where,
                             cause="connection closed by the server")
     return ProbeFailure(ErrorCode.INTERNAL, target=where, cause=type(error).__name__)
+
+
+_VERIFY_TEXT = re.compile(r"certificate verify failed: ([^(]+?) \(_ssl")
+
+
+def _tls_failure(text: str, where: str) -> ProbeFailure | None:
+    """TLS failures, read from PyMongo's message: it keeps the SSL error only as text."""
+    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+        reason = _VERIFY_TEXT.search(text)
+        return ProbeFailure(ErrorCode.SSL_VERIFY_FAILED, target=where,
+                            cause=reason.group(1) if reason else "")
+    if "WRONG_VERSION_NUMBER" in text or "wrong version number" in text:
+        return ProbeFailure(ErrorCode.SSL_NOT_ENABLED_ON_SERVER, target=where)
+    if "[SSL" in text or "SSL handshake failed" in text:
+        return ProbeFailure(ErrorCode.SSL_HANDSHAKE_FAILED, target=where)
+    return None
 
 
 def classify(

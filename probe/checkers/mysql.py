@@ -55,6 +55,10 @@ _ERRNO_CODES: dict[int, ErrorCode] = {
 # What a PostgreSQL client sends first; a PostgreSQL server answers it with one byte.
 _PG_SSL_REQUEST = struct.pack("!ii", 8, 80877103)
 _GREETING_WINDOW = 3.0
+_MAYBE_TLS_REQUIRED = (
+    "; or, on MariaDB, the server requires SSL (it reports that the same way): "
+    "then set ssl_link to true"
+)
 
 
 class _ProbeConnection(aiomysql.Connection):  # type: ignore[misc]
@@ -87,6 +91,7 @@ class _ProbeConnection(aiomysql.Connection):  # type: ignore[misc]
                 target=self._probe_trace.address or self._probe_target,
                 cause="the greeting is not a MySQL greeting",
             )
+        self._probe_trace.server_offers_tls = bool(self.server_capabilities & CLIENT.SSL)
         if self._probe_wants_tls and not self.server_capabilities & CLIENT.SSL:
             raise ProbeFailure(
                 ErrorCode.SSL_NOT_ENABLED_ON_SERVER,
@@ -166,12 +171,16 @@ class MySQLChecker(SingleHostChecker):
 async def _close(conn: _ProbeConnection) -> None:
     if conn._writer is None:
         return
+    transport = conn._writer.transport
     try:
         with anyio.fail_after(1):
             await conn.ensure_closed()  # COM_QUIT: a clean goodbye, not an aborted client
     except Exception:
-        conn.close()
+        pass
     finally:
+        # After COM_QUIT there is nothing left to say: release the socket now
+        # rather than wait for a TLS close_notify exchange.
+        transport.abort()
         conn.close()
 
 
@@ -189,6 +198,10 @@ def classify(exc: BaseException, target: Target, address: Resolved, trace: Trace
         message = scrub(str(exc.args[1]) if len(exc.args) > 1 else "", target.password)
         if code is ErrorCode.DATABASE_NOT_FOUND:
             return ProbeFailure(code, target=where, cause=f"db_name {target.database!r}")
+        if code is ErrorCode.AUTH_FAILED and target.tls is None and trace.server_offers_tls:
+            # MariaDB answers a plaintext login under require_secure_transport
+            # with this same 1045 (MDEV-30178): nothing on the wire tells them apart.
+            return ProbeFailure(code, target=where, cause=_MAYBE_TLS_REQUIRED)
         if code in (ErrorCode.AUTH_FAILED, ErrorCode.TOO_MANY_CONNECTIONS,
                     ErrorCode.SSL_REQUIRED_BY_SERVER):
             return ProbeFailure(code, target=where)

@@ -116,6 +116,9 @@ def classify(exc: BaseException, target: Target, address: Resolved, trace: Trace
         if code is ErrorCode.DATABASE_NOT_FOUND:
             return ProbeFailure(code, target=where, cause=f"db_name {target.database!r}")
         return ProbeFailure(code, target=where, cause=_short(message))
+    if target.tls is not None and trace.first_answer == b"N":
+        # The server answered our SSLRequest with N: it does not do TLS.
+        return ProbeFailure(ErrorCode.SSL_NOT_ENABLED_ON_SERVER, target=where)
     found = network_failure(exc, where, trace)
     if found is not None:
         return found

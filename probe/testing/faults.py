@@ -4,9 +4,12 @@
 - `Blackhole`: a listener whose accept queue is full, so the kernel drops SYNs
   and a connect times out, as against a firewalled host.
 - `FaultServer`: accepts TCP, then per `mode`: ``silent`` never speaks;
-  ``greeting`` sends `greeting` then stalls; ``garbage`` sends an SSH-like
-  banner then stalls; ``reset`` closes at once with RST; ``close`` closes
-  cleanly after reading the first bytes.
+  ``greeting`` sends `greeting`, answers the client's first message with
+  `reply` (if given), then stalls; ``garbage`` sends an SSH-like banner then
+  stalls; ``reset`` closes at once with RST; ``close`` closes cleanly after
+  reading the first bytes. With `mysql_greeting()` and `mysql_error()` the
+  ``greeting`` mode plays a MySQL server refusing a login with any errno (for
+  errors the local MariaDB cannot produce, such as MySQL 8's 3159).
 
 Everything binds to 127.0.0.1 only and runs on its own thread, so sync code
 (the demo, benchmarks) and async tests can use it alike.
@@ -43,6 +46,12 @@ def mysql_greeting(version: bytes = b"10.11.6-MariaDB") -> bytes:
         + b"mysql_native_password\x00"
     )
     return struct.pack("<I", len(payload))[:3] + b"\x00" + payload
+
+
+def mysql_error(errno: int, message: str, sqlstate: str = "HY000", sequence: int = 2) -> bytes:
+    """A MySQL ERR packet (the answer to a handshake response has sequence 2)."""
+    payload = b"\xff" + struct.pack("<H", errno) + b"#" + sqlstate.encode() + message.encode()
+    return struct.pack("<I", len(payload))[:3] + bytes([sequence]) + payload
 
 
 def free_port() -> int:
@@ -120,9 +129,10 @@ class Blackhole(_Bound):
 class FaultServer:
     """A TCP server on its own thread that misbehaves as `mode` says."""
 
-    def __init__(self, mode: Mode, greeting: bytes = b"") -> None:
+    def __init__(self, mode: Mode, greeting: bytes = b"", reply: bytes = b"") -> None:
         self.mode = mode
         self.greeting = greeting if mode == "greeting" else SSH_BANNER
+        self.reply = reply
         self.port = 0
         self.accepted = 0
         self._loop = asyncio.new_event_loop()
@@ -158,6 +168,8 @@ class FaultServer:
                 return
             if self.mode in ("greeting", "garbage"):
                 writer.write(self.greeting)
+                if self.reply and await reader.read(65536):
+                    writer.write(self.reply)
             # Stall: read and drop whatever comes until the client leaves.
             while await reader.read(65536):
                 pass
