@@ -77,7 +77,7 @@ class Endpoint(BaseModel):
     def _id(cls, v: str) -> str:
         if not v:
             raise _missing("empty")
-        if not _ID.match(v):
+        if not _ID.fullmatch(v):
             raise _invalid("1-64 characters of A-Z a-z 0-9 _ -")
         return v
 
@@ -130,7 +130,7 @@ class Endpoint(BaseModel):
             raw = v.get_secret_value() if isinstance(v, SecretStr) else v
             if not raw:
                 raise _missing("required when ssl_link is true")
-            if info.field_name == "ssl_cert_check_sum" and not _SHA256.match(raw):
+            if info.field_name == "ssl_cert_check_sum" and not _SHA256.fullmatch(raw):
                 raise _invalid("must be 64 hexadecimal characters (SHA-256)")
         return v
 
@@ -256,4 +256,4 @@ def parse_jobs(body: Any, *, strict: bool = False) -> list[Endpoint | RequestInv
 def job_id(raw: Any) -> str:
     """The id to answer an invalid job with: its own when it is a string, else empty."""
     value = raw.get("id") if isinstance(raw, dict) else None
-    return value if isinstance(value, str) and _ID.match(value) else ""
+    return value if isinstance(value, str) and _ID.fullmatch(value) else ""

@@ -18,7 +18,9 @@ from tests.conftest import Faults, job
 PROBE = [sys.executable, "-m", "probe.cli", "run"]
 
 
-def run(args: list[str], stdin: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run(
+    args: list[str], stdin: str | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*PROBE, *args], input=stdin, capture_output=True, text=True,
                           timeout=timeout, check=False)
 
@@ -70,7 +72,8 @@ def test_exit_codes_and_formats(tmp_path: Path, faults: Faults, pg: PostgresServ
     assert ok.returncode == 0 and json.loads(ok.stdout)["results"][0]["success"] is True
 
     refused = job("mysql", faults.refused.port, "u", "p")
-    table = run(["-", "--format", "table", "--lang", "zh-cn"], stdin=json.dumps({"jobs": [refused]}))
+    table = run(["-", "--format", "table", "--lang", "zh-cn"],
+                stdin=json.dumps({"jobs": [refused]}))
     assert table.returncode == 1
     assert "DRS.C10012" in table.stdout and "拒绝" in table.stdout
 

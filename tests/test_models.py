@@ -169,3 +169,10 @@ def test_result_carries_exactly_the_contract_fields_without_detail() -> None:
     failed = CheckJobResp(id="a", status="failed", success=False, error_code="DRS.C10012",
                           error_msg="m").to_json()
     assert set(failed) == {"id", "status", "success", "error_code", "error_msg"}
+
+
+def test_a_trailing_newline_is_not_a_valid_id_or_checksum() -> None:
+    assert problem(job(id="abc\n")).field == "jobs[0].id"
+    ssl = {"ssl_link": True, "ssl_cert_key": "QUJD", "ssl_cert_name": "ca.pem",
+           "ssl_cert_check_sum": "ab" * 32 + "\n"}
+    assert problem(job(**ssl)).field == "jobs[0].ssl_cert_check_sum"

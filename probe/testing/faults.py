@@ -144,6 +144,11 @@ class FaultServer:
     def address(self) -> str:
         return f"{HOST}:{self.port}"
 
+    @property
+    def open_connections(self) -> int:
+        """Client connections this server holds open right now."""
+        return len(self._writers)
+
     def start(self) -> FaultServer:
         self._thread.start()
         self._server = asyncio.run_coroutine_threadsafe(
