@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(BIN)/probe demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check probe tests benchmarks
+	$(BIN)/ruff check .
 	$(BIN)/mypy probe
 
 test: lint
