@@ -13,7 +13,8 @@ import pytest
 from probe.errors import ErrorCode, RequestInvalid
 from probe.models import CheckJobResp, Endpoint, parse_job, parse_jobs
 
-SEED = Path(__file__).resolve().parents[2] / "shared" / "seed" / "batch-connection.txt"
+# A copy of shared/seed/batch-connection.txt (tests/test_contract_copies.py keeps it honest).
+SEED = Path(__file__).resolve().parent / "data" / "batch-connection.txt"
 
 
 def seed_examples() -> list[dict[str, Any]]:
