@@ -44,12 +44,14 @@ import base64
 import contextlib
 import datetime
 import functools
+import gc
 import hashlib
 import hmac
 import ipaddress
 import logging
 import os
 import re
+import socket
 import ssl
 import struct
 import threading
@@ -58,7 +60,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Final, Literal, Protocol, Self
+from typing import Any, Final, Literal, Protocol, Self, cast
 
 import bson
 from bson.binary import Binary
@@ -76,6 +78,7 @@ __all__ = [
     "MongoReplicaSet",
     "MongoUser",
     "MongoWireServer",
+    "close_leaked_client_sockets",
     "crc32c",
     "wire_version_for",
 ]
@@ -102,7 +105,8 @@ SCRAM_MECHANISMS: Final = ("SCRAM-SHA-1", "SCRAM-SHA-256")
 #: is rejected by glibc's resolver before any packet is sent (checked with
 #: strace: no socket to port 53 is opened) and fails with EAI_NONAME
 #: ("Name or service not known"), the same ``socket.gaierror`` as an NXDOMAIN
-#: answer. So the names stay in the ``.invalid`` TLD *and* fail locally.
+#: answer. So the names stay in the ``.invalid`` TLD *and* fail locally. Pass
+#: ``unresolvable_template="mongo-{index}.invalid"`` for names that do reach DNS.
 UNRESOLVABLE_HOST_TEMPLATE: Final = "-mongo-{index}.invalid"
 
 _HEADER = struct.Struct("<iiii")  # messageLength, requestID, responseTo, opCode
@@ -134,7 +138,6 @@ _NO_AUTH_COMMANDS: Final = frozenset(
         "connectionStatus",
     }
 )
-_AUTH_COMMANDS: Final = frozenset({"listDatabases", "serverStatus"})
 
 Fault = Literal["silent", "close_after_hello", "slow_hello"]
 _FAULTS: Final = frozenset({"silent", "close_after_hello", "slow_hello"})
@@ -454,6 +457,127 @@ class _Connection:
     hellos: int = 0
 
 
+class _ServerStreamProtocol(asyncio.StreamReaderProtocol):
+    """``asyncio.start_server``'s protocol, refusing connections once the server stops.
+
+    A connection the kernel completed just before the listener closed still arrives
+    here a few loop iterations later; it is aborted on the spot.
+    """
+
+    def __init__(self, owner: MongoWireServer) -> None:
+        super().__init__(asyncio.StreamReader(limit=2**16), owner._handle)
+        self._owner = owner
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        stream_transport = cast("asyncio.Transport", transport)
+        if self._owner._stopping:
+            stream_transport.abort()
+            return
+        # Registered before any task runs: stop() aborts it even if no task ever starts.
+        self._owner._transports.add(stream_transport)
+        super().connection_made(transport)
+
+
+class _PlainStream:
+    """The connection's byte stream without TLS."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+
+    async def readexactly(self, n: int) -> bytes:
+        return await self._reader.readexactly(n)
+
+    async def send(self, data: bytes) -> None:
+        self._writer.write(data)
+        await self._writer.drain()
+
+    async def close(self) -> None:
+        self._writer.close()
+        await asyncio.wait_for(self._writer.wait_closed(), 1.0)
+
+
+class _TlsStream(_PlainStream):
+    """Server-side TLS over the plain stream, with ``ssl.MemoryBIO``.
+
+    asyncio's own upgrade (``StreamWriter.start_tls``) loses a ClientHello that the
+    plain StreamReader already read (CPython gh-142352) and hangs on uvloop
+    (uvloop#707); ``start_server(ssl=...)`` hides handshakes in progress from
+    ``stop()``. Doing TLS here works on every event loop and keeps every connection,
+    handshaking or not, owned by its task.
+    """
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, context: ssl.SSLContext
+    ) -> None:
+        super().__init__(reader, writer)
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        self._plain = bytearray()
+
+    async def _flush(self) -> None:
+        pending = self._outgoing.read()
+        if pending:
+            self._writer.write(pending)
+            await self._writer.drain()
+
+    async def _receive(self) -> bool:
+        """Feed more ciphertext to the TLS object; False at EOF."""
+        await self._flush()
+        data = await self._reader.read(65536)
+        if not data:
+            self._incoming.write_eof()
+            return False
+        self._incoming.write(data)
+        return True
+
+    async def handshake(self) -> None:
+        while True:
+            try:
+                self._tls.do_handshake()
+            except ssl.SSLWantReadError:
+                if not await self._receive():
+                    raise ConnectionResetError("peer closed during the TLS handshake") from None
+            except ssl.SSLError:
+                with contextlib.suppress(OSError):
+                    await self._flush()  # the alert, so the client learns why
+                raise
+            else:
+                break
+        await self._flush()
+
+    async def readexactly(self, n: int) -> bytes:
+        while len(self._plain) < n:
+            try:
+                chunk = self._tls.read(65536)
+            except ssl.SSLWantReadError:
+                if not await self._receive():
+                    raise asyncio.IncompleteReadError(bytes(self._plain), n) from None
+                continue
+            except ssl.SSLZeroReturnError:  # close_notify
+                raise asyncio.IncompleteReadError(bytes(self._plain), n) from None
+            except ssl.SSLEOFError:  # EOF without close_notify
+                raise asyncio.IncompleteReadError(bytes(self._plain), n) from None
+            if not chunk:
+                raise asyncio.IncompleteReadError(bytes(self._plain), n)
+            self._plain += chunk
+        data = bytes(self._plain[:n])
+        del self._plain[:n]
+        return data
+
+    async def send(self, data: bytes) -> None:
+        self._tls.write(data)
+        await self._flush()
+
+    async def close(self) -> None:
+        with contextlib.suppress(ssl.SSLError):
+            self._tls.unwrap()  # queue close_notify; the peer's answer is not awaited
+        with contextlib.suppress(OSError):
+            await self._flush()
+        await super().close()
+
+
 class _Runnable(Protocol):
     async def start(self) -> None: ...
 
@@ -466,7 +590,7 @@ class MongoWireServer:
     ``port=0`` picks a free port; after ``start()`` :attr:`port` and :attr:`address`
     hold the real one. Counters (:attr:`connections_open`, :attr:`connections_total`,
     :attr:`commands`, :attr:`auth_successes`, :attr:`auth_failures`,
-    :attr:`auth_mechanisms`, :attr:`speculative_auth_successes`, :attr:`errors`)
+    :attr:`auth_mechanisms`, :attr:`speculative_auth_started`, :attr:`errors`)
     let tests check what happened on the wire.
     """
 
@@ -545,12 +669,13 @@ class MongoWireServer:
         self.auth_successes = 0
         self.auth_failures = 0
         self.auth_mechanisms: Counter[str] = Counter()
-        self.speculative_auth_successes = 0
+        self.speculative_auth_started = 0
         self.errors: list[str] = []
 
         self._server: asyncio.Server | None = None
         self._stopping = False
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()  # one per connection, cancelled by stop()
+        self._supervisors: set[asyncio.Task[Any]] = set()  # their supervisors, never cancelled
         self._transports: set[asyncio.WriteTransport] = set()
         self._idle: asyncio.Event | None = None
         self._next_connection_id = 1
@@ -578,8 +703,11 @@ class MongoWireServer:
         self._stopping = False
         self._idle = asyncio.Event()
         self._idle.set()
-        self._server = await asyncio.start_server(
-            self._handle, host=self.host, port=self.port, backlog=self.backlog
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: _ServerStreamProtocol(self),
+            host=self.host,
+            port=self.port,
+            backlog=self.backlog,
         )
         self.port = self._server.sockets[0].getsockname()[1]
         self._started_at = time.monotonic()
@@ -591,6 +719,18 @@ class MongoWireServer:
         if server is None:
             return
         self._stopping = True
+        # Stop accepting first, close the listener a few loop iterations later. On the
+        # selector loop an accepted connection becomes a transport one iteration after
+        # accept(); if Server.close() came in between, the transport's constructor fails
+        # (Server._attach asserts the server is open), the error is swallowed, and the
+        # socket leaks (CPython 3.11). In those iterations accepted connections reach
+        # _ServerStreamProtocol.connection_made, which aborts them (``_stopping``).
+        loop = asyncio.get_running_loop()
+        for listener in server.sockets:
+            with contextlib.suppress(Exception):  # uvloop does not accept through readers
+                loop.remove_reader(listener.fileno())
+        for _ in range(5):
+            await asyncio.sleep(0)
         server.close()
         for transport in list(self._transports):
             transport.abort()
@@ -599,7 +739,11 @@ class MongoWireServer:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        if self._supervisors:
+            await asyncio.wait(list(self._supervisors))
         await server.wait_closed()
+        for _ in range(2):  # aborted transports close their sockets in call_soon callbacks
+            await asyncio.sleep(0)
         logger.debug("mongo wire server on %s stopped", self.address)
 
     async def __aenter__(self) -> Self:
@@ -642,16 +786,25 @@ class MongoWireServer:
     # ------------------------------------------------------------------ connections
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """The ``client_connected_cb`` of ``asyncio.start_server``.
+        """The ``client_connected_cb`` of :class:`_ServerStreamProtocol`.
 
         The connection runs in an inner task that :meth:`stop` may cancel; this outer
         task (owned by asyncio's StreamReaderProtocol) always ends normally, because
         CPython 3.11.7's done-callback calls ``task.exception()`` on it, which logs a
         spurious "Exception in callback" traceback for a cancelled task.
         """
+        transport = writer.transport
         if self._stopping:
-            writer.transport.abort()
+            transport.abort()
             return
+        handler = asyncio.current_task()
+        if handler is not None:
+            self._supervisors.add(handler)
+        self._transports.add(transport)
+        self.connections_open += 1
+        self.connections_total += 1
+        if self._idle is not None:
+            self._idle.clear()
         inner = asyncio.create_task(self._connection(reader, writer))
         self._tasks.add(inner)
         try:
@@ -660,29 +813,33 @@ class MongoWireServer:
             inner.cancel()
             await asyncio.wait({inner})
         finally:
+            # also when ``inner`` was cancelled before it ever ran
             self._tasks.discard(inner)
+            if handler is not None:
+                self._supervisors.discard(handler)
+            transport.abort()
+            self._transports.discard(transport)
+            self.connections_open -= 1
+            if self.connections_open == 0 and self._idle is not None:
+                self._idle.set()
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        transport = writer.transport
-        self._transports.add(transport)
-        self.connections_open += 1
-        self.connections_total += 1
-        if self._idle is not None:
-            self._idle.clear()
         conn = _Connection(id=self._next_connection_id, peer=str(writer.get_extra_info("peername")))
         self._next_connection_id += 1
-        graceful = False
+        stream: _PlainStream | None = None
         try:
             if self.fault == "silent":
                 while await reader.read(65536):
                     pass
                 return
             if self.ssl_context is not None:
-                await writer.start_tls(
-                    self.ssl_context, ssl_handshake_timeout=self.tls_handshake_timeout
-                )
-                self._transports.add(writer.transport)
-            graceful = await self._serve(conn, reader, writer)
+                tls = _TlsStream(reader, writer, self.ssl_context)
+                await asyncio.wait_for(tls.handshake(), self.tls_handshake_timeout)
+                plain: _PlainStream = tls
+            else:
+                plain = _PlainStream(reader, writer)
+            if await self._serve(conn, plain):
+                stream = plain  # close gracefully
         except (OSError, EOFError, TimeoutError, _FrameError) as exc:
             # ssl.SSLError and ConnectionError are OSErrors; IncompleteReadError is an EOFError.
             logger.debug("connection %d from %s closed: %r", conn.id, conn.peer, exc)
@@ -691,34 +848,30 @@ class MongoWireServer:
             logger.exception("mongo wire server: unexpected error on connection %d", conn.id)
         finally:
             try:
-                if graceful and not self._stopping:
-                    writer.close()
-                    await asyncio.wait_for(writer.wait_closed(), 1.0)
+                if stream is not None and not self._stopping:
+                    await stream.close()
             except (OSError, TimeoutError):
                 pass
             finally:
-                for t in (transport, writer.transport):
-                    t.abort()
-                    self._transports.discard(t)
-                self.connections_open -= 1
-                if self.connections_open == 0 and self._idle is not None:
-                    self._idle.set()
+                writer.transport.abort()
 
-    async def _serve(
-        self, conn: _Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> bool:
+    async def _serve(self, conn: _Connection, stream: _PlainStream) -> bool:
         """Answer requests one after another; True when the connection should close gracefully."""
         while True:
             try:
-                header = await reader.readexactly(16)
+                header = await stream.readexactly(16)
             except asyncio.IncompleteReadError as exc:
                 if exc.partial:
                     raise _FrameError("truncated message header") from None
                 return True  # clean EOF between messages
+            if header[0] == 0x16 and header[1] == 0x03 and self.ssl_context is None:
+                # mongod: "SSL handshake received but server is started without
+                # SSL support" -- and it hangs up.
+                raise _FrameError("TLS handshake on a server without TLS")
             length, request_id, _response_to, op_code = _HEADER.unpack(header)
             if length <= 16 or length > MAX_MESSAGE_SIZE_BYTES:
                 raise _FrameError(f"bad message length {length}")
-            data = await reader.readexactly(length - 16)
+            data = await stream.readexactly(length - 16)
             if op_code == OP_MSG:
                 flags, body = _parse_op_msg(header, data)
                 reply_doc, close = await self._command(conn, body)
@@ -733,8 +886,7 @@ class MongoWireServer:
                 reply = _op_reply(self._request_id(), request_id, reply_doc, reply_flags)
             else:
                 raise _FrameError(f"unsupported opcode {op_code}")
-            writer.write(reply)
-            await writer.drain()
+            await stream.send(reply)
             if close:
                 return True
 
@@ -865,6 +1017,7 @@ class MongoWireServer:
                     # runs saslStart itself and gets the real error.
                     logger.debug("speculative authentication refused: %s", exc)
                 else:
+                    self.speculative_auth_started += 1
                     doc["speculativeAuthenticate"] = first
         doc["ok"] = 1.0
         close = self.fault == "close_after_hello" and conn.hellos == 1
@@ -1186,6 +1339,61 @@ class MongoReplicaSet:
         """Run all members on one event loop in a background thread (for sync code)."""
         with _run_in_thread(self, f"mongo-wire-rs-{self.name}"):
             yield self
+
+
+# --------------------------------------------------------------------------- driver leaks
+
+
+def close_leaked_client_sockets(*targets: str | MongoWireServer | MongoReplicaSet) -> int:
+    """Close client-side sockets to ``targets`` that their owner dropped without closing.
+
+    PyMongo's async pool (4.20, ``pool_shared._async_create_connection``) closes the
+    socket it is connecting only on ``OSError``/``TimeoutError``: when the connecting
+    task is *cancelled* (``AsyncMongoClient.close()`` stopping a monitor that is
+    reconnecting, or a caller's deadline), the socket stays open, referenced by the
+    cancelled task's traceback, until the garbage collector finds it and emits
+    ``ResourceWarning: unclosed <socket.socket ...>`` - an error under
+    ``filterwarnings = error``, at an unpredictable later point. Tests call this after
+    closing their clients: it closes every still-open ``socket.socket`` in this process
+    whose peer is one of ``targets`` (servers, replica sets, or ``"host:port"``), and
+    every TCP socket that is neither bound nor connected (a connect cancelled before it
+    completed, or refused), and returns how many it closed. Only call it when no client
+    of those servers is open and no other thread is opening connections.
+    """
+    wanted: set[tuple[str, int]] = set()
+    for target in targets:
+        if isinstance(target, MongoReplicaSet):
+            wanted.update((m.host, m.port) for m in target.members)
+        elif isinstance(target, MongoWireServer):
+            wanted.add((target.host, target.port))
+        else:
+            for entry in target.split(","):
+                host, _, port = entry.strip().rpartition(":")
+                wanted.add((host.strip("[]"), int(port)))
+    closed = 0
+    for obj in gc.get_objects():
+        # type(), not isinstance(): the heap holds dead weakref proxies that raise on access
+        if not issubclass(type(obj), socket.socket) or obj.fileno() < 0:
+            continue
+        if obj.family not in (socket.AF_INET, socket.AF_INET6) or obj.type != socket.SOCK_STREAM:
+            continue
+        try:
+            peer = obj.getpeername()
+        except OSError:
+            # Cancelled before its connect completed (or after it was refused): never
+            # bound, never connected, so no server or live connection can own it.
+            try:
+                orphan = obj.getsockname()[1] == 0
+            except OSError:
+                orphan = False
+            if orphan:
+                obj.close()
+                closed += 1
+            continue
+        if isinstance(peer, tuple) and (peer[0], peer[1]) in wanted:
+            obj.close()
+            closed += 1
+    return closed
 
 
 # --------------------------------------------------------------------------- threads
