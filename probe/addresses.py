@@ -26,7 +26,8 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 MONGODB_DEFAULT_PORT = 27017
-_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")  # fullmatch: "$" would allow a "\n"
+_ZONE = re.compile(r"[A-Za-z0-9_.-]{1,15}")  # an IPv6 zone: an interface name or number
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,25 +51,33 @@ def _valid_host(host: str) -> str:
         raise ValueError("empty host")
     if host.startswith("[") and host.endswith("]"):
         try:
-            return str(ipaddress.IPv6Address(host[1:-1]))
+            return _literal(ipaddress.IPv6Address(host[1:-1]))
         except ValueError:
             raise ValueError("not a valid IPv6 address") from None
     try:
-        return str(ipaddress.ip_address(host))
+        return _literal(ipaddress.ip_address(host))
     except ValueError:
         pass
     if ":" in host:
         raise ValueError("not a valid IPv6 address")
     name = host[:-1] if host.endswith(".") else host
-    if len(name) > 253 or not all(_LABEL.match(label) for label in name.split(".")):
+    if len(name) > 253 or not all(_LABEL.fullmatch(label) for label in name.split(".")):
         raise ValueError("not a valid IP address or host name")
     if all(label.isdigit() for label in name.split(".")):
         raise ValueError("not a valid IPv4 address")
     return name.lower()
 
 
+def _literal(address: IPAddress) -> str:
+    """An IP literal as text; ValueError for an IPv6 zone that is no interface name."""
+    zone = getattr(address, "scope_id", None)
+    if zone is not None and not _ZONE.fullmatch(zone):
+        raise ValueError("not a valid IPv6 address")
+    return str(address)
+
+
 def _valid_port(text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 65535:
         raise ValueError("port must be a number from 1 to 65535")
     return int(text)
 

@@ -158,6 +158,10 @@ def read_body(source: str) -> Any:
             f"{ErrorCode.MALFORMED_BODY.value}: {source} is not valid JSON "
             f"(line {exc.lineno}, column {exc.colno}: {exc.msg})"
         ) from None
+    except RecursionError:
+        raise InputError(
+            f"{ErrorCode.MALFORMED_BODY.value}: {source} is nested too deeply"
+        ) from None
 
 
 def command_run(args: argparse.Namespace) -> int:
@@ -222,7 +226,10 @@ def print_response(response: BatchConnectionResponse, fmt: str, body: Any) -> No
         table.add_column(column, overflow="fold")
     for index, result in enumerate(response.results):
         job = jobs[index] if isinstance(jobs, list) and index < len(jobs) else {}
-        job = job if isinstance(job, dict) else {}
+        invalid = (result.error_code or "").startswith("DRS.M")
+        # An invalid job's fields are whatever was sent (a password in db_port...):
+        # never shown. A valid job's have been checked.
+        job = job if isinstance(job, dict) and not invalid else {}
         endpoint = str(job.get("ip", ""))
         if job.get("db_port"):
             endpoint += f" :{job['db_port']}"

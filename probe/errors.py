@@ -263,16 +263,40 @@ def render(
     return template.format(target=target or "the endpoint", field=field, cause=cause)
 
 
-class ProbeFailure(Exception):
-    """Raised when probing one endpoint failed; `code` says how."""
+# DRS.C10099 when the prober itself ran out of a resource (file descriptors, memory,
+# local ports): the message must not leave the user thinking the target failed.
+_LOCAL_LIMIT = CatalogEntry(
+    200,
+    "The prober ran out of a local resource while testing {target}{cause}. This is a "
+    "limit of the prober itself, not a fault of the target: retry with fewer endpoints at "
+    "once or raise the prober's limits.",
+    "测试 {target} 时探测端本地资源不足{cause}。这是探测端自身的限制，不是目标的故障："
+    "请减少同时测试的端点数量或提高探测端的资源上限后重试。",
+)
 
-    def __init__(self, code: ErrorCode, *, target: str = "", cause: str = "") -> None:
+
+class ProbeFailure(Exception):
+    """Raised when probing one endpoint failed; `code` says how.
+
+    `local` marks a DRS.C10099 caused by the prober's own resource limits
+    (EMFILE and the like); its message says so, and names the resource.
+    """
+
+    def __init__(
+        self, code: ErrorCode, *, target: str = "", cause: str = "", local: bool = False
+    ) -> None:
         super().__init__(code.value)
         self.code = code
         self.target = target
         self.cause = cause
+        self.local = local and code is ErrorCode.INTERNAL
 
     def message(self, lang: Language = "en-us") -> str:
+        if self.local:
+            entry = _LOCAL_LIMIT
+            cause = ("：" if lang == "zh-cn" else ": ") + self.cause if self.cause else ""
+            template = entry.zh if lang == "zh-cn" else entry.en
+            return template.format(target=self.target or "the endpoint", cause=cause)
         return render(self.code, lang, target=self.target, cause=self.cause)
 
     def __str__(self) -> str:

@@ -33,6 +33,10 @@ from probe.errors import ErrorCode, RequestInvalid
 
 DB_TYPES: tuple[str, ...] = tuple(CHECKERS)
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# Longer than any engine's user or database names, short enough that PostgreSQL's
+# startup packet (10,000 bytes) still holds both: a longer one is a bad value, not
+# a server that "closed the connection".
+NAME_LIMIT = 1024
 _SHA256 = re.compile(r"^[0-9A-Fa-f]{64}$")
 
 # Error types of our own validators; "missing" ones map to DRS.M00201.
@@ -106,6 +110,26 @@ class Endpoint(BaseModel):
             raise _invalid(str(exc)) from None
         return v
 
+    @field_validator("db_user", "db_name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None:
+            if len(v) > NAME_LIMIT:
+                raise _invalid(f"longer than {NAME_LIMIT} characters")
+            if "\0" in v:
+                # A NUL ends a field of the wire protocols: the rest would be read
+                # as further connection parameters.
+                raise _invalid("contains a NUL character")
+            _unicode(v)
+        return v
+
+    @field_validator("db_password", "ssl_cert_password")
+    @classmethod
+    def _secret(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None:
+            _unicode(v.get_secret_value())
+        return v
+
     @field_validator("db_port")
     @classmethod
     def _db_port(cls, v: int | None, info: ValidationInfo) -> int | None:
@@ -144,6 +168,14 @@ class Endpoint(BaseModel):
     def database(self) -> str | None:
         """The database to name at login (the contract's defaults applied)."""
         return self.db_name or CHECKERS[self.db_type].default_database
+
+
+def _unicode(text: str) -> None:
+    """Drivers send text as UTF-8: a lone surrogate (JSON allows ``"\\ud800"``) cannot be."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _invalid("not valid Unicode text") from None
 
 
 class BatchConnectionRequest(BaseModel):

@@ -17,6 +17,8 @@ How a batch runs:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -44,7 +46,7 @@ from probe.models import (
     parse_jobs,
 )
 from probe.tasks import TaskStateProvider, task_problem
-from probe.tls import MaterialCache
+from probe.tls import MaterialCache, TLSMaterial
 
 log = logging.getLogger("probe")
 
@@ -160,6 +162,53 @@ def failed_result(
     )
 
 
+@dataclass(slots=True)
+class _Load:
+    done: anyio.Event = field(default_factory=anyio.Event)
+    result: TLSMaterial | ProbeFailure | None = None
+
+
+class _BatchMaterials:
+    """The TLS material of one batch: jobs carrying the same certificate fields share one
+    load (one decode and checksum, at most one SSLContext built), however many they are
+    and however many of them start at once."""
+
+    def __init__(self, cache: MaterialCache, verify_hostname: bool) -> None:
+        self._cache = cache
+        self._verify_hostname = verify_hostname
+        self._loads: dict[tuple[str, str, str, str | None], _Load] = {}
+
+    async def load(self, endpoint: Endpoint) -> TLSMaterial:
+        assert endpoint.ssl_cert_key is not None
+        password = endpoint.ssl_cert_password
+        key = (
+            endpoint.ssl_cert_key.get_secret_value(),
+            endpoint.ssl_cert_name or "",
+            endpoint.ssl_cert_check_sum or "",
+            password.get_secret_value() if password else None,
+        )
+        while (pending := self._loads.get(key)) is not None:
+            await pending.done.wait()
+            if isinstance(pending.result, ProbeFailure):
+                raise ProbeFailure(pending.result.code, cause=pending.result.cause)
+            if pending.result is not None:
+                return pending.result
+            # Its loader was cancelled before it finished: load it here.
+        pending = self._loads[key] = _Load()
+        try:
+            pending.result = await anyio.to_thread.run_sync(
+                lambda: self._cache.load(*key, self._verify_hostname)
+            )
+            return pending.result
+        except ProbeFailure as exc:
+            pending.result = exc
+            raise
+        finally:
+            if pending.result is None:
+                del self._loads[key]
+            pending.done.set()
+
+
 Emit = Callable[[int, CheckJobResp], None]
 ProbeObserver = Callable[[str, Outcome], None]
 
@@ -231,14 +280,15 @@ class Prober:
         jobs = parse_jobs(body, strict=self.settings.strict if strict is None else strict)
         send, receive = anyio.create_memory_object_stream[tuple[int, CheckJobResp]](math.inf)
 
+        def emit(index: int, result: CheckJobResp) -> None:
+            # A probe that finished inside a shielded cleanup as the reader left
+            # still answers: nobody is listening any more, which is fine.
+            with contextlib.suppress(anyio.BrokenResourceError):
+                send.send_nowait((index, result))
+
         async def produce() -> None:
             with send:
-                await self._execute(
-                    jobs,
-                    lambda index, result: send.send_nowait((index, result)),
-                    self._lang(lang),
-                    self._detail(detail),
-                )
+                await self._execute(jobs, emit, self._lang(lang), self._detail(detail))
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(produce)
@@ -250,7 +300,9 @@ class Prober:
 
     async def probe(self, endpoint: Endpoint) -> Outcome:
         """Probe one validated endpoint under the configured deadline (no limiter)."""
-        return await self._probe_endpoint(endpoint, self._now() + self.settings.deadline)
+        return await self._probe_endpoint(
+            endpoint, self._now() + self.settings.deadline, self._batch_materials()
+        )
 
     # ------------------------------------------------------------ internals
 
@@ -263,6 +315,9 @@ class Prober:
     @staticmethod
     def _now() -> float:
         return anyio.current_time()
+
+    def _batch_materials(self) -> _BatchMaterials:
+        return _BatchMaterials(self.materials, self.settings.verify_hostname)
 
     async def _execute(
         self,
@@ -288,6 +343,7 @@ class Prober:
             self._now() + self.settings.batch_deadline if self.settings.batch_deadline else math.inf
         )
         pending = deque(_round_robin(groups, jobs))
+        materials = self._batch_materials()
         async with anyio.create_task_group() as tg:
             with anyio.CancelScope(deadline=batch_deadline):
                 while pending:
@@ -296,7 +352,7 @@ class Prober:
                     await self._limiter.acquire_on_behalf_of(token)
                     pending.popleft()
                     tg.start_soon(self._run_group, jobs, indices, token, batch_deadline,
-                                  emit, lang, detail)
+                                  materials, emit, lang, detail)
         # The batch deadline passed before these could start.
         for indices in pending:
             endpoint = jobs[indices[0]]
@@ -312,6 +368,7 @@ class Prober:
         indices: list[int],
         token: object,
         batch_deadline: float,
+        materials: _BatchMaterials,
         emit: Emit,
         lang: Language,
         detail: bool,
@@ -320,7 +377,7 @@ class Prober:
         try:
             async with self._host_limit(endpoint.hosts()[0].host):
                 deadline = min(self._now() + self.settings.deadline, batch_deadline)
-                outcome = await self._probe_endpoint(endpoint, deadline)
+                outcome = await self._probe_endpoint(endpoint, deadline, materials)
         finally:
             self._limiter.release_on_behalf_of(token)
         for index in indices:
@@ -340,21 +397,31 @@ class Prober:
             else:
                 self._hosts[host] = (limiter, users - 1)
 
-    async def _probe_endpoint(self, endpoint: Endpoint, deadline: float) -> Outcome:
+    async def _probe_endpoint(
+        self, endpoint: Endpoint, deadline: float, materials: _BatchMaterials
+    ) -> Outcome:
         self.probes_started += 1
-        trace = Trace(deadline, self.settings.connect_timeout)
+        trace = Trace(deadline, self.settings.connect_timeout, self.settings.policy)
         label = _label(endpoint)
         started = time.perf_counter()
         facts: Facts | None = None
         failure: ProbeFailure | None = None
         try:
             with anyio.CancelScope(deadline=deadline) as scope, tracing(trace):
-                target = await self._target(endpoint)
+                target = await self._target(endpoint, materials)
                 facts = await self.checkers[endpoint.db_type].check(target, trace)
             if scope.cancelled_caught:
                 facts, failure = None, trace.timeout_failure(trace.address or label)
         except ProbeFailure as exc:
             failure = exc if exc.target else _with_target(exc, trace.address or label)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise  # this probe really is being cancelled (batch, stream, client gone)
+            # A driver raised CancelledError while nobody cancelled the probe: an
+            # error like any other, not a reason to leave the job without an answer.
+            log.error("internal error probing %s: a spurious CancelledError", label)
+            failure = ProbeFailure(ErrorCode.INTERNAL, target=label)
         except Exception as exc:  # a bug of ours or a driver's: answer, never escape
             # Where, not what: an exception's text may quote a driver's DSN.
             frame = traceback.extract_tb(exc.__traceback__)[-1]
@@ -363,27 +430,15 @@ class Prober:
             failure = ProbeFailure(ErrorCode.INTERNAL, target=label)
         if failure is not None and failure.code is ErrorCode.INTERNAL and failure.cause:
             # The cause is a class name or a number, never driver text: safe to log.
-            log.warning("unclassified failure probing %s: %s", label, failure.cause)
+            what = "the prober ran out of a resource" if failure.local else "unclassified failure"
+            log.warning("%s probing %s: %s", what, label, failure.cause)
         outcome = Outcome(facts, failure, (time.perf_counter() - started) * 1000, trace.phases)
         if self.observer is not None:
             self.observer(endpoint.db_type, outcome)
         return outcome
 
-    async def _target(self, endpoint: Endpoint) -> Target:
-        tls = None
-        if endpoint.ssl_link:
-            assert endpoint.ssl_cert_key is not None
-            tls = await anyio.to_thread.run_sync(
-                lambda: self.materials.load(
-                    endpoint.ssl_cert_key.get_secret_value(),  # type: ignore[union-attr]
-                    endpoint.ssl_cert_name or "",
-                    endpoint.ssl_cert_check_sum or "",
-                    endpoint.ssl_cert_password.get_secret_value()
-                    if endpoint.ssl_cert_password
-                    else None,
-                    self.settings.verify_hostname,
-                )
-            )
+    async def _target(self, endpoint: Endpoint, materials: _BatchMaterials) -> Target:
+        tls = await materials.load(endpoint) if endpoint.ssl_link else None
         return Target(
             db_type=endpoint.db_type,
             hosts=endpoint.hosts(),
@@ -406,7 +461,7 @@ def _label(endpoint: Endpoint) -> str:
 
 
 def _with_target(exc: ProbeFailure, target: str) -> ProbeFailure:
-    return ProbeFailure(exc.code, target=target, cause=exc.cause)
+    return ProbeFailure(exc.code, target=target, cause=exc.cause, local=exc.local)
 
 
 def _dedupe_key(job: Endpoint) -> tuple[Any, ...]:

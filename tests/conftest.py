@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,7 @@ from probe.testing.faults import (
 from probe.testing.mariadb import MariaDBServer
 from probe.testing.mongo_wire import MongoUser, MongoWireServer
 from probe.testing.postgres import PostgresServer
+from tests.guard import Network, loopback_only
 
 MONGO_USERS = (
     MongoUser("probe_root", "p@ss:w/rd%41? 'single' \"double\"", "admin"),
@@ -45,6 +46,14 @@ MONGO_USERS = (
 def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, bool]]:
     """Every async test runs on uvloop (what the CLI and service use) and on plain asyncio."""
     return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+async def net() -> AsyncIterator[Network]:
+    """Guard the test's loop: loopback connects only, names answered by the test."""
+    async with loopback_only() as network:
+        yield network
+    assert not network.blocked, network.blocked
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import pytest
 
 from probe.addresses import HostPort, NetworkPolicy, parse_host, parse_host_list, resolve
 from probe.errors import ErrorCode, ProbeFailure
+from tests.guard import Network
 
 
 @pytest.mark.parametrize(
@@ -63,7 +64,7 @@ def test_allow_lists_and_ports() -> None:
 
 
 @pytest.mark.anyio
-async def test_resolution() -> None:
+async def test_resolution(net: Network) -> None:
     found = await resolve(HostPort("localhost", 5432), NetworkPolicy())
     assert found and all(r.ip in ("127.0.0.1", "::1") for r in found)
     literal = await resolve(HostPort("::1", 1), NetworkPolicy())

@@ -21,6 +21,7 @@ from probe.testing.faults import RefusedPort
 from probe.testing.mariadb import MariaDBServer
 from probe.testing.mongo_wire import MongoReplicaSet, MongoWireServer
 from tests.conftest import MONGO_USERS, Faults, job
+from tests.guard import Network
 
 pytestmark = pytest.mark.anyio
 FAST = ProbeSettings(deadline=3, connect_timeout=1)
@@ -98,7 +99,7 @@ async def test_network_faults(faults: Faults) -> None:
         assert code_of(result) == code.value, (port, result)
 
 
-async def test_dns_failure() -> None:
+async def test_dns_failure(net: Network) -> None:
     result = await probe_one(job("mongodb", "no-such-host.invalid:27017", "u", "p"))
     assert code_of(result) == ErrorCode.DNS_FAILURE.value
 

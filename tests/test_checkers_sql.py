@@ -15,6 +15,7 @@ from probe.testing.faults import Blackhole, FaultServer, RefusedPort
 from probe.testing.mariadb import MariaDBServer
 from probe.testing.postgres import PostgresServer
 from tests.conftest import Faults, job
+from tests.guard import Network
 
 pytestmark = pytest.mark.anyio
 
@@ -194,7 +195,7 @@ async def test_wrong_engine_on_the_port(pg: PostgresServer, maria: MariaDBServer
     assert "MySQL" in to_maria["error_msg"]
 
 
-async def test_dns_failure_and_name_resolution() -> None:
+async def test_dns_failure_and_name_resolution(net: Network) -> None:
     result = await probe_one({**job("mysql", 3306, "u", "p"), "ip": "no-such-host.invalid"})
     assert_code(result, ErrorCode.DNS_FAILURE)
 

@@ -13,6 +13,10 @@ timeout, not a connect timeout) and bounds the TCP connect by the connect
 timeout for drivers whose own timeout covers the whole login (asyncpg). It
 also lets a checker judge the server's first bytes (`_Sniffer`), so a probe
 pointed at the wrong kind of server fails at once as a protocol mismatch.
+The same hook applies the probe's `NetworkPolicy` to every address a driver
+resolves (denied ones are taken out of the answer) and connects to, so the
+addresses a driver finds by itself (PyMongo re-resolves host names and connects
+to the replica-set members a server advertises) are held to the policy too.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from __future__ import annotations
 import abc
 import asyncio
 import errno
+import ipaddress
+import os
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -27,6 +33,8 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
+
+import anyio
 
 from probe.addresses import HostPort, NetworkPolicy, Resolved, resolve
 from probe.errors import ErrorCode, ProbeFailure
@@ -68,9 +76,12 @@ class Facts:
 class Trace:
     """Where one probe is and how long each phase took (milliseconds)."""
 
-    def __init__(self, deadline: float, connect_timeout: float) -> None:
+    def __init__(
+        self, deadline: float, connect_timeout: float, policy: NetworkPolicy | None = None
+    ) -> None:
         self.deadline = deadline  # loop time
         self.connect_timeout = connect_timeout
+        self.policy = policy  # applied by the loop hook to every connect of this probe
         self.stage = "queued"
         self.phases: dict[str, float] = {}
         self.address: str | None = None
@@ -101,15 +112,41 @@ class Trace:
             self.phases[name] = round(self.phases.get(name, 0.0) + elapsed, 3)
             self.stage = previous if name == "connect" else self.stage
 
+    def mismatch_failure(self, target: str) -> ProbeFailure:
+        """What the server's unexpected first bytes mean (call when `mismatch` is set)."""
+        if self.mismatch == TLS_SPEAKER:
+            return ProbeFailure(ErrorCode.SSL_REQUIRED_BY_SERVER, target=target)
+        return ProbeFailure(ErrorCode.PROTOCOL_MISMATCH, target=target, cause=self.mismatch or "")
+
     def timeout_failure(self, target: str) -> ProbeFailure:
         """The failure to report when the deadline cut this probe where it stood."""
         if self.mismatch is not None:
-            return ProbeFailure(ErrorCode.PROTOCOL_MISMATCH, target=target, cause=self.mismatch)
+            return self.mismatch_failure(target)
         if self.stage == "resolve":
             return ProbeFailure(ErrorCode.DNS_FAILURE, target=target, cause="timed out")
         if self.stage in ("queued", "connect"):
             return ProbeFailure(ErrorCode.CONNECT_TIMEOUT, target=target, cause=self._waited())
         return ProbeFailure(ErrorCode.HANDSHAKE_TIMEOUT, target=target, cause=self._waited())
+
+    def allows(self, host: object, port: object) -> bool:
+        """Whether the policy lets this probe connect to host:port (a host name
+        passes here: what it resolves to is checked when it is resolved)."""
+        if self.policy is None:
+            return True
+        text = host.decode("ascii", "replace") if isinstance(host, bytes) else str(host)
+        try:
+            address = ipaddress.ip_address(text.split("%")[0])
+            number = int(port)  # type: ignore[call-overload]
+        except (ValueError, TypeError):
+            return True
+        return self.policy.allows(address, number)
+
+    def check_policy(self, host: object, port: object) -> None:
+        """Raise NETWORK_POLICY_DENIED unless the policy allows connecting to host:port."""
+        if not self.allows(host, port):
+            text = host.decode("ascii", "replace") if isinstance(host, bytes) else str(host)
+            shown = f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
+            raise ProbeFailure(ErrorCode.NETWORK_POLICY_DENIED, target=shown)
 
     def _waited(self) -> str:
         if self.stage == "queued":
@@ -137,6 +174,7 @@ def install_loop_hook() -> None:
         return
     original: Callable[..., Awaitable[Any]] = loop.create_connection
     original_sock_connect: Callable[..., Awaitable[Any]] = loop.sock_connect
+    original_getaddrinfo: Callable[..., Awaitable[Any]] = loop.getaddrinfo
 
     async def create_connection(
         protocol_factory: Callable[[], asyncio.BaseProtocol], *args: Any, **kwargs: Any
@@ -159,29 +197,59 @@ def install_loop_hook() -> None:
             transport, protocol = await original(sniffing_factory, *args, **kwargs)
             return transport, getattr(protocol, "inner", protocol)
 
+        host = args[0] if args else kwargs.get("host")
+        port = args[1] if len(args) > 1 else kwargs.get("port")
+        trace.check_policy(host, port)
         with trace.phase("connect"):
-            try:
-                transport, protocol = await asyncio.wait_for(
-                    original(sniffing_factory, *args, **kwargs), trace.connect_budget()
-                )
-            except TimeoutError:
+            # Not asyncio.wait_for: cancelled (the probe's deadline, a cancelled
+            # batch) just as the connect completes, it drops the new transport,
+            # left open with nobody to close it. Awaited directly, the connect
+            # closes its own socket when it is cancelled.
+            with anyio.move_on_after(trace.connect_budget()) as budget:
+                transport, protocol = await original(sniffing_factory, *args, **kwargs)
+            if budget.cancelled_caught:
                 raise ProbeFailure(
                     ErrorCode.CONNECT_TIMEOUT,
                     target=trace.address or "",
                     cause=f"no answer within {trace.connect_timeout:g} s",
-                ) from None
+                )
             trace.tcp_connected = True
             return transport, getattr(protocol, "inner", protocol)
 
     async def sock_connect(sock: Any, address: Any) -> None:
-        # PyMongo connects its own sockets (with its own timeout); note success.
-        await original_sock_connect(sock, address)
+        # PyMongo connects its own sockets (with its own timeout), to addresses
+        # it resolved itself: hold them to the policy, and note success.
         trace = _current.get()
+        if trace is not None and isinstance(address, tuple) and len(address) >= 2:
+            try:
+                trace.check_policy(address[0], address[1])
+            except ProbeFailure:
+                sock.close()  # PyMongo closes its socket only after an OSError
+                raise
+        try:
+            await original_sock_connect(sock, address)
+        except asyncio.CancelledError:
+            # PyMongo closes the socket of a failed connect, but not of a
+            # cancelled one (a probe that ends while a monitor still connects).
+            sock.close()
+            raise
         if trace is not None:
             trace.tcp_connected = True
 
+    async def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        # A name a driver resolves by itself comes back with the denied addresses
+        # taken out, so the driver tries the allowed ones, as `resolve()` does.
+        # When all are denied the answer stays whole and the connect is refused:
+        # PyMongo deadlocks in close() when its own lookup fails.
+        infos = await original_getaddrinfo(host, port, *args, **kwargs)
+        trace = _current.get()
+        if trace is None:
+            return infos
+        return [info for info in infos if trace.allows(info[4][0], info[4][1])] or infos
+
     loop.create_connection = create_connection  # type: ignore[method-assign]
     loop.sock_connect = sock_connect  # type: ignore[method-assign]
+    loop.getaddrinfo = getaddrinfo  # type: ignore[method-assign]
     loop._probe_hooked = True  # type: ignore[attr-defined]
 
 
@@ -322,10 +390,8 @@ def network_failure(exc: BaseException, target: str, trace: Trace) -> ProbeFailu
     Checks the most specific evidence first: our own failures, TLS errors, then
     errnos, then a peer that closed the stream.
     """
-    if trace.mismatch == TLS_SPEAKER:
-        return ProbeFailure(ErrorCode.SSL_REQUIRED_BY_SERVER, target=target)
     if trace.mismatch is not None:
-        return ProbeFailure(ErrorCode.PROTOCOL_MISMATCH, target=target, cause=trace.mismatch)
+        return trace.mismatch_failure(target)
     links = list(chain(exc))
     for link in links:
         if isinstance(link, ProbeFailure):
@@ -344,7 +410,8 @@ def network_failure(exc: BaseException, target: str, trace: Trace) -> ProbeFailu
             return ProbeFailure(
                 ErrorCode.INTERNAL,
                 target=target,
-                cause=f"local resource limit on the prober ({errno.errorcode[link.errno]})",
+                cause=f"{errno.errorcode[link.errno]}, {os.strerror(link.errno).lower()}",
+                local=True,
             )
         if isinstance(link, OSError) and link.errno in _OS_ERRNO_CODES:
             return ProbeFailure(_OS_ERRNO_CODES[link.errno], target=target)

@@ -152,7 +152,10 @@ class MongoDBChecker(Checker):
             raise classify(exc, target, trace, client) from None
         finally:
             if client is not None:
-                with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                # Shielded from our cancellation, but bounded: out of descriptors,
+                # PyMongo can leak its topology lock and close() never returns.
+                with anyio.CancelScope(shield=True), anyio.move_on_after(2), \
+                        contextlib.suppress(Exception):
                     await client.close()
 
     @staticmethod
@@ -176,7 +179,7 @@ class MongoDBChecker(Checker):
             return
         where = trace.address or ""
         if trace.mismatch is not None:
-            raise ProbeFailure(ErrorCode.PROTOCOL_MISMATCH, target=where, cause=trace.mismatch)
+            raise trace.mismatch_failure(where)
         raise _member_failure(heartbeat.error, where, trace, single=True)
 
     async def _allowed_seeds(self, target: Target) -> list[HostPort]:
@@ -264,8 +267,7 @@ def _member_failure(
     TCP connect), the exception class, and the errno PyMongo quotes.
     """
     if single and trace.mismatch is not None:
-        return network_failure(error or Exception(), where, trace) or ProbeFailure(
-            ErrorCode.PROTOCOL_MISMATCH, target=where, cause=trace.mismatch)
+        return trace.mismatch_failure(where)
     if error is None and unknown:  # its first check has not finished: no answer in time
         connected = single and trace.tcp_connected
         code = ErrorCode.HANDSHAKE_TIMEOUT if connected else ErrorCode.CONNECT_TIMEOUT
@@ -303,13 +305,19 @@ def _member_failure(
         # something else (PostgreSQL does exactly this), or demands TLS.
         return ProbeFailure(ErrorCode.PROTOCOL_MISMATCH, target=where,
                             cause="the server closed the connection without answering the "
-                                  "MongoDB hello: it is not MongoDB, or it requires TLS")
+                                  "MongoDB hello: it is not MongoDB, or it requires TLS "
+                                  "(then set ssl_link to true)")
     if found is not None or isinstance(error, AutoReconnect):
         return ProbeFailure(ErrorCode.CONNECTION_RESET, target=where,
                             cause="connection closed by the server")
     return ProbeFailure(ErrorCode.INTERNAL, target=where, cause=type(error).__name__)
 
 
+_NOT_TLS_SIGNS = ("WRONG_VERSION_NUMBER", "wrong version number", "EOF occurred in violation",
+                  "UNEXPECTED_EOF")
+# "SSL handshake failed: host:port:  (configured timeouts...": no reason at all,
+# the server closed the connection on our ClientHello.
+_HANDSHAKE_HUNG_UP = re.compile(r"SSL handshake failed: \S+:\s+\(")
 _VERIFY_TEXT = re.compile(r"certificate verify failed: ([^(]+?) \(_ssl")
 
 
@@ -319,7 +327,9 @@ def _tls_failure(text: str, where: str) -> ProbeFailure | None:
         reason = _VERIFY_TEXT.search(text)
         return ProbeFailure(ErrorCode.SSL_VERIFY_FAILED, target=where,
                             cause=reason.group(1) if reason else "")
-    if "WRONG_VERSION_NUMBER" in text or "wrong version number" in text:
+    if any(sign in text for sign in _NOT_TLS_SIGNS) or _HANDSHAKE_HUNG_UP.search(text):
+        # The server answered our ClientHello with something that is not TLS,
+        # or hung up on it: it does not do TLS on this port.
         return ProbeFailure(ErrorCode.SSL_NOT_ENABLED_ON_SERVER, target=where)
     if "[SSL" in text or "SSL handshake failed" in text:
         return ProbeFailure(ErrorCode.SSL_HANDSHAKE_FAILED, target=where)

@@ -17,6 +17,7 @@ aiomysql needs three corrections for a prober, all made here:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import struct
 from typing import Any
@@ -39,6 +40,7 @@ _ERRNO_CODES: dict[int, ErrorCode] = {
     4151: ErrorCode.ACCESS_DENIED,  # ER_ACCOUNT_HAS_BEEN_LOCKED (MariaDB)
     3118: ErrorCode.ACCESS_DENIED,  # ER_ACCOUNT_HAS_BEEN_LOCKED (MySQL)
     ER.BAD_DB_ERROR: ErrorCode.DATABASE_NOT_FOUND,  # 1049
+    ER.WRONG_DB_NAME: ErrorCode.DATABASE_NOT_FOUND,  # 1102 no database can have that name
     ER.CON_COUNT_ERROR: ErrorCode.TOO_MANY_CONNECTIONS,  # 1040
     1203: ErrorCode.TOO_MANY_CONNECTIONS,  # ER_TOO_MANY_USER_CONNECTIONS
     1226: ErrorCode.TOO_MANY_CONNECTIONS,  # ER_USER_LIMIT_REACHED
@@ -52,6 +54,9 @@ _ERRNO_CODES: dict[int, ErrorCode] = {
     CR.CR_SERVER_GONE_ERROR: ErrorCode.CONNECTION_RESET,  # 2006
 }
 
+# The account a probe logs in as, with no password, to end a handshake it will not
+# finish with the user's credentials (see `_decline_login`).
+_THROWAWAY_USER = "drs_probe_no_tls"
 # What a PostgreSQL client sends first; a PostgreSQL server answers it with one byte.
 _PG_SSL_REQUEST = struct.pack("!ii", 8, 80877103)
 _GREETING_WINDOW = 3.0
@@ -93,10 +98,28 @@ class _ProbeConnection(aiomysql.Connection):  # type: ignore[misc]
             )
         self._probe_trace.server_offers_tls = bool(self.server_capabilities & CLIENT.SSL)
         if self._probe_wants_tls and not self.server_capabilities & CLIENT.SSL:
+            await self._decline_login()
             raise ProbeFailure(
                 ErrorCode.SSL_NOT_ENABLED_ON_SERVER,
                 target=self._probe_trace.address or self._probe_target,
             )
+
+    async def _decline_login(self) -> None:
+        """Finish the handshake as a throwaway account, without a password.
+
+        Hanging up after the greeting is an aborted handshake, which MySQL counts
+        against `max_connect_errors` and, after enough of them, blocks this host:
+        a failed login is not counted. Nothing of the user's is sent in the clear.
+        """
+        self._user, self._password, self._db = _THROWAWAY_USER, "", None
+        self._ssl_context = None
+        self.client_flag &= ~(CLIENT.SSL | CLIENT.CONNECT_WITH_DB)  # as the packet will be
+        # The expected "access denied", or a server that is gone: either way, done.
+        with (
+            anyio.move_on_after(max(0.0, min(1.0, self._probe_trace.remaining() - 0.1))),
+            contextlib.suppress(Exception),
+        ):
+            await super()._request_authentication()
 
     async def _await_greeting(self) -> None:
         reader: asyncio.StreamReader = self._reader
@@ -162,7 +185,9 @@ class MySQLChecker(SingleHostChecker):
         except ProbeFailure:
             raise
         except Exception as exc:
-            raise classify(exc, target, address, trace) from exc
+            # Not "from exc": a driver's message may quote the password (scrubbed in
+            # the cause), and a logged traceback would print it.
+            raise classify(exc, target, address, trace) from None
         finally:
             with anyio.CancelScope(shield=True):
                 await _close(conn)

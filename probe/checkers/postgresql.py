@@ -73,7 +73,9 @@ class PostgreSQLChecker(SingleHostChecker):
         except ProbeFailure:
             raise
         except Exception as exc:
-            raise classify(exc, target, address, trace) from exc
+            # Not "from exc": a driver's message may quote the password (scrubbed in
+            # the cause), and a logged traceback would print it.
+            raise classify(exc, target, address, trace) from None
         finally:
             if conn is not None:
                 with anyio.CancelScope(shield=True):

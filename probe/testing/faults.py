@@ -5,11 +5,16 @@
   and a connect times out, as against a firewalled host.
 - `FaultServer`: accepts TCP, then per `mode`: ``silent`` never speaks;
   ``greeting`` sends `greeting`, answers the client's first message with
-  `reply` (if given), then stalls; ``garbage`` sends an SSH-like banner then
-  stalls; ``reset`` closes at once with RST; ``close`` closes cleanly after
-  reading the first bytes. With `mysql_greeting()` and `mysql_error()` the
-  ``greeting`` mode plays a MySQL server refusing a login with any errno (for
-  errors the local MariaDB cannot produce, such as MySQL 8's 3159).
+  `reply` (if given) and each further one with the next of `replies`, then
+  does what `then` says with the next message (``stall``: ignore it,
+  ``reset``: RST, ``close``: FIN); ``trickle`` sends `greeting` one byte
+  every `interval` seconds (a slow-loris server), then stalls; ``garbage``
+  sends an SSH-like banner then stalls; ``reset`` closes at once with RST;
+  ``close`` closes cleanly after reading the first bytes. With
+  `mysql_greeting()`, `mysql_ok()` and `mysql_error()` the ``greeting`` mode
+  plays a MySQL server refusing a login with any errno (for errors the local
+  MariaDB cannot produce, such as MySQL 8's 3159), or accepting it and then
+  resetting the connection.
 
 Everything binds to 127.0.0.1 only and runs on its own thread, so sync code
 (the demo, benchmarks) and async tests can use it alike.
@@ -19,25 +24,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import socket
 import struct
 import threading
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Literal
 
 HOST = "127.0.0.1"
-Mode = Literal["silent", "greeting", "garbage", "reset", "close"]
+Mode = Literal["silent", "greeting", "trickle", "garbage", "reset", "close"]
+Then = Literal["stall", "reset", "close"]
 
 SSH_BANNER = b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3\r\n"
 
 
-def mysql_greeting(version: bytes = b"10.11.6-MariaDB") -> bytes:
-    """A well-formed MySQL protocol-10 greeting packet (sequence 0)."""
+def mysql_greeting(version: bytes = b"10.11.6-MariaDB", *, ssl: bool = False) -> bytes:
+    """A well-formed MySQL protocol-10 greeting packet (sequence 0); with `ssl`,
+    it offers TLS (CLIENT_SSL)."""
     payload = (
         b"\x0a" + version + b"\x00"
         + struct.pack("<I", 7)  # thread id
         + b"abcdefgh\x00"  # auth-plugin-data part 1 + filler
-        + struct.pack("<H", 0xF7FF)  # capabilities (lower), no CLIENT_SSL
+        + struct.pack("<H", 0xFFFF if ssl else 0xF7FF)  # capabilities (lower): CLIENT_SSL?
         + b"\x21"  # utf8 charset
         + struct.pack("<H", 2)  # status
         + struct.pack("<H", 0x81BF)  # capabilities (upper)
@@ -51,6 +60,12 @@ def mysql_greeting(version: bytes = b"10.11.6-MariaDB") -> bytes:
 def mysql_error(errno: int, message: str, sqlstate: str = "HY000", sequence: int = 2) -> bytes:
     """A MySQL ERR packet (the answer to a handshake response has sequence 2)."""
     payload = b"\xff" + struct.pack("<H", errno) + b"#" + sqlstate.encode() + message.encode()
+    return struct.pack("<I", len(payload))[:3] + bytes([sequence]) + payload
+
+
+def mysql_ok(sequence: int = 2) -> bytes:
+    """A MySQL OK packet (the answer to an accepted handshake response has sequence 2)."""
+    payload = b"\x00\x00\x00" + struct.pack("<HH", 2, 0)  # 0 rows, id 0, autocommit, 0 warnings
     return struct.pack("<I", len(payload))[:3] + bytes([sequence]) + payload
 
 
@@ -79,12 +94,18 @@ class _Bound:
         self.close()
 
 
+def _loopback(host: str) -> str:
+    if not ipaddress.ip_address(host).is_loopback:
+        raise ValueError(f"{host} is not a loopback address")
+    return host
+
+
 class RefusedPort(_Bound):
     """A port that is bound (so nobody else takes it) but never listens: connects are refused."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = HOST) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind((HOST, 0))
+        self.sock.bind((_loopback(host), 0))
 
 
 def refused_port() -> RefusedPort:
@@ -92,11 +113,16 @@ def refused_port() -> RefusedPort:
 
 
 class Blackhole(_Bound):
-    """A listener with a full accept queue: the kernel drops further SYNs, so connects hang."""
+    """A listener with a full accept queue: the kernel drops further SYNs, so connects hang.
 
-    def __init__(self) -> None:
+    `host` and `port` place it (any loopback address; port 0 picks a free one),
+    e.g. at 127.0.0.2 on the port a real server uses at 127.0.0.1.
+    """
+
+    def __init__(self, host: str = HOST, port: int = 0) -> None:
+        self.host = _loopback(host)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind((HOST, 0))
+        self.sock.bind((self.host, port))
         self.sock.listen(0)
         self._fillers: list[socket.socket] = []
         # Fill the accept queue (its length is backlog + 1), then check that a
@@ -105,7 +131,7 @@ class Blackhole(_Bound):
             filler = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             filler.setblocking(False)
             with contextlib.suppress(BlockingIOError):
-                filler.connect((HOST, self.port))
+                filler.connect((self.host, self.port))
             self._fillers.append(filler)
             if self._hangs():
                 return
@@ -115,7 +141,7 @@ class Blackhole(_Bound):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
             probe.settimeout(0.2)
             try:
-                probe.connect((HOST, self.port))
+                probe.connect((self.host, self.port))
             except (TimeoutError, OSError):
                 return True
         return False
@@ -129,10 +155,21 @@ class Blackhole(_Bound):
 class FaultServer:
     """A TCP server on its own thread that misbehaves as `mode` says."""
 
-    def __init__(self, mode: Mode, greeting: bytes = b"", reply: bytes = b"") -> None:
+    def __init__(
+        self,
+        mode: Mode,
+        greeting: bytes = b"",
+        reply: bytes = b"",
+        *,
+        replies: Sequence[bytes] = (),
+        then: Then = "stall",
+        interval: float = 1.0,
+    ) -> None:
         self.mode = mode
-        self.greeting = greeting if mode == "greeting" else SSH_BANNER
-        self.reply = reply
+        self.greeting = greeting if mode in ("greeting", "trickle") else SSH_BANNER
+        self.replies = [reply, *replies] if reply else list(replies)
+        self.then = then
+        self.interval = interval
         self.port = 0
         self.accepted = 0
         self._loop = asyncio.new_event_loop()
@@ -171,10 +208,22 @@ class FaultServer:
                     await asyncio.wait_for(reader.read(1), 5)
                 writer.close()
                 return
+            if self.mode == "trickle":
+                await self._trickle(reader, writer)
+                return
             if self.mode in ("greeting", "garbage"):
                 writer.write(self.greeting)
-                if self.reply and await reader.read(65536):
-                    writer.write(self.reply)
+                for answer in self.replies if self.mode == "greeting" else ():
+                    if not await reader.read(65536):
+                        return
+                    writer.write(answer)
+                if self.mode == "greeting" and self.then != "stall":
+                    if await reader.read(65536) and self.then == "reset":
+                        sock = writer.get_extra_info("socket")
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                        struct.pack("ii", 1, 0))
+                        writer.transport.abort()
+                    return
             # Stall: read and drop whatever comes until the client leaves.
             while await reader.read(65536):
                 pass
@@ -183,6 +232,24 @@ class FaultServer:
         finally:
             self._writers.discard(writer)
             writer.close()
+
+    async def _trickle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """The greeting, one byte every `interval` seconds, until it is out or the client left."""
+
+        async def drain() -> None:
+            while await reader.read(65536):
+                pass
+
+        client = asyncio.ensure_future(drain())
+        try:
+            for i in range(len(self.greeting)):
+                if client.done():
+                    return
+                writer.write(self.greeting[i : i + 1])
+                await asyncio.wait([client], timeout=self.interval)
+            await client
+        finally:
+            client.cancel()
 
     def stop(self) -> None:
         async def shutdown() -> None:
