@@ -238,7 +238,8 @@ def print_response(response: BatchConnectionResponse, fmt: str, body: Any) -> No
         table.add_row(str(index), Text(result.id), Text(str(job.get("db_type", ""))),
                       Text(endpoint), status, result.error_code or "", elapsed,
                       Text(result.error_msg or ""))
-    console = Console()
+    # Piped or redirected, there is no terminal width to fit: use a readable one.
+    console = Console(width=None if sys.stdout.isatty() else 200)
     console.print(table)
     failed = sum(not r.success for r in response.results)
     console.print(f"{response.count} jobs, {response.count - failed} succeeded, {failed} failed")
