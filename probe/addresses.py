@@ -55,6 +55,12 @@ def _valid_host(host: str) -> str:
         except ValueError:
             raise ValueError("not a valid IPv6 address") from None
     try:
+        socket.inet_pton(socket.AF_INET, host)
+    except OSError:
+        pass
+    else:
+        return host  # a dotted quad; inet_pton refuses leading zeros, as ipaddress does
+    try:
         return _literal(ipaddress.ip_address(host))
     except ValueError:
         pass

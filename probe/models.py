@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from functools import cached_property
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -160,6 +161,11 @@ class Endpoint(BaseModel):
 
     def hosts(self) -> tuple[HostPort, ...]:
         """The host(s) to probe, with ports resolved from `ip` and `db_port`."""
+        return self.parsed_hosts
+
+    @cached_property
+    def parsed_hosts(self) -> tuple[HostPort, ...]:
+        """`hosts()`, parsed once: the runner asks for them several times per job."""
         if CHECKERS[self.db_type].host_list:
             return parse_host_list(self.ip)
         assert self.db_port is not None

@@ -7,10 +7,10 @@ How a batch runs:
 2. Task-state rules, when a provider is configured, fail jobs before any traffic.
 3. Identical probes (same engine, hosts, user, password, database, TLS material)
    are grouped and run once; every job of the group gets the answer.
-4. Groups are dispatched round-robin across hosts. A slot of the global limiter
-   is taken *before* a task is spawned, so a 100,000-job batch never holds more
-   than `concurrency` tasks; inside the task, a per-host limiter is taken, and
-   only then does the endpoint's deadline start.
+4. Groups are dispatched round-robin across hosts by at most `concurrency`
+   workers, each taking a slot of the global limiter before it takes a group,
+   so a 100,000-job batch never holds more than `concurrency` tasks; then a
+   per-host slot is taken, and only then does the endpoint's deadline start.
 5. Each probe runs under its own deadline (and the batch deadline, if any);
    when it fires, the code says which phase it cut.
 """
@@ -314,7 +314,8 @@ class Prober:
 
     @staticmethod
     def _now() -> float:
-        return anyio.current_time()
+        # anyio.current_time() on asyncio, without looking the backend up on every call
+        return asyncio.get_running_loop().time()
 
     def _batch_materials(self) -> _BatchMaterials:
         return _BatchMaterials(self.materials, self.settings.verify_hostname)
@@ -344,15 +345,29 @@ class Prober:
         )
         pending = deque(_round_robin(groups, jobs))
         materials = self._batch_materials()
+        limiter = self._limiter
+
+        async def worker() -> None:
+            # One of at most `concurrency` workers: no task, TaskHandle, cancel scope
+            # and event per probe, and a free slot is taken without a checkpoint.
+            while pending:
+                token = object()
+                try:
+                    limiter.acquire_on_behalf_of_nowait(token)
+                except anyio.WouldBlock:
+                    await limiter.acquire_on_behalf_of(token)
+                if not pending or self._now() >= batch_deadline:
+                    # another worker took the last group, or the batch deadline
+                    # passed: what is left is answered below
+                    limiter.release_on_behalf_of(token)
+                    return
+                await self._run_group(jobs, pending.popleft(), token, batch_deadline,
+                                      materials, emit, lang, detail)
+
         async with anyio.create_task_group() as tg:
             with anyio.CancelScope(deadline=batch_deadline):
-                while pending:
-                    indices = pending[0]
-                    token = object()
-                    await self._limiter.acquire_on_behalf_of(token)
-                    pending.popleft()
-                    tg.start_soon(self._run_group, jobs, indices, token, batch_deadline,
-                                  materials, emit, lang, detail)
+                for _ in range(min(self.settings.effective_concurrency, len(pending))):
+                    tg.start_soon(worker)
         # The batch deadline passed before these could start.
         for indices in pending:
             endpoint = jobs[indices[0]]
@@ -374,28 +389,44 @@ class Prober:
         detail: bool,
     ) -> None:
         endpoint = _endpoint(jobs, indices[0])
+        host = endpoint.hosts()[0].host
         try:
-            async with self._host_limit(endpoint.hosts()[0].host):
+            limiter = await self._host_acquire(host, token)
+            try:
                 deadline = min(self._now() + self.settings.deadline, batch_deadline)
                 outcome = await self._probe_endpoint(endpoint, deadline, materials)
+            finally:
+                self._host_release(host, limiter, token)
         finally:
             self._limiter.release_on_behalf_of(token)
         for index in indices:
             emit(index, outcome.result(_endpoint(jobs, index), lang, detail))
 
-    @asynccontextmanager
-    async def _host_limit(self, host: str) -> AsyncIterator[None]:
+    async def _host_acquire(self, host: str, token: object) -> anyio.CapacityLimiter:
+        """A slot of `host`'s limiter (made on first use, dropped when unused), taken
+        without a checkpoint when one is free."""
         limiter, users = self._hosts.get(host) or (anyio.CapacityLimiter(self.settings.per_host), 0)
         self._hosts[host] = (limiter, users + 1)
         try:
-            async with limiter:
-                yield
-        finally:
-            limiter, users = self._hosts[host]
-            if users == 1:
-                del self._hosts[host]
-            else:
-                self._hosts[host] = (limiter, users - 1)
+            try:
+                limiter.acquire_on_behalf_of_nowait(token)
+            except anyio.WouldBlock:
+                await limiter.acquire_on_behalf_of(token)
+        except BaseException:
+            self._host_left(host)
+            raise
+        return limiter
+
+    def _host_release(self, host: str, limiter: anyio.CapacityLimiter, token: object) -> None:
+        limiter.release_on_behalf_of(token)
+        self._host_left(host)
+
+    def _host_left(self, host: str) -> None:
+        limiter, users = self._hosts[host]
+        if users == 1:
+            del self._hosts[host]
+        else:
+            self._hosts[host] = (limiter, users - 1)
 
     async def _probe_endpoint(
         self, endpoint: Endpoint, deadline: float, materials: _BatchMaterials

@@ -148,12 +148,17 @@ async def test_streaming_yields_every_index_once(faults: Faults, pg: PostgresSer
 async def test_leaving_a_stream_early_cancels_the_rest(faults: Faults) -> None:
     body = {"jobs": [job("mysql", faults.silent.port, "u", "p", id=f"s{i}") for i in range(5)]
             + [{"id": "bad"}]}
-    before = open_fds()
-    started = time.monotonic()
-    async with Prober(ProbeSettings(deadline=30)).stream(body) as results:
-        async for index, _ in results:
-            assert index == 5
-            break
+    for attempt in ("warm-up", "counted"):
+        # The first probes of a loop make libuv open a spare fd (/dev/null) for good:
+        # the warm-up round lets that happen before the fds are counted.
+        before = open_fds()
+        started = time.monotonic()
+        async with Prober(ProbeSettings(deadline=30)).stream(body) as results:
+            async for index, _ in results:
+                assert index == 5
+                break
+        if attempt == "warm-up":
+            await anyio.sleep(0.1)
     assert time.monotonic() - started < 5
     await anyio.sleep(0.1)
     assert open_fds() <= before

@@ -124,7 +124,9 @@ class Trace:
             return self.mismatch_failure(target)
         if self.stage == "resolve":
             return ProbeFailure(ErrorCode.DNS_FAILURE, target=target, cause="timed out")
-        if self.stage in ("queued", "connect"):
+        # Whether TCP had connected decides, not the stage name: a deadline that
+        # cuts the connect inside a driver's "login" is still a connect timeout.
+        if self.stage in ("queued", "connect") or not self.tcp_connected:
             return ProbeFailure(ErrorCode.CONNECT_TIMEOUT, target=target, cause=self._waited())
         return ProbeFailure(ErrorCode.HANDSHAKE_TIMEOUT, target=target, cause=self._waited())
 

@@ -107,6 +107,10 @@ class MongoDBChecker(Checker):
         trace.address = ",".join(_seed(h) for h in seeds)
         remaining = trace.remaining()
         single = len(seeds) == 1
+        # One host: its first failed heartbeat ends the probe, and our own deadline
+        # is the backstop, so PyMongo may use all the time there is. Several hosts:
+        # selection must end first, so that its topology says what each answered.
+        margin = 0.0 if single else _SELECTION_MARGIN
         heartbeat = _FirstHeartbeat()
         client: AsyncMongoClient[dict[str, Any]] | None = None
         try:
@@ -123,11 +127,11 @@ class MongoDBChecker(Checker):
                         password=target.password,
                         authSource=target.database or "admin",
                         directConnection=len(seeds) == 1,
-                        serverSelectionTimeoutMS=_ms(remaining - _SELECTION_MARGIN),
+                        serverSelectionTimeoutMS=_ms(remaining - margin),
                         # Below the selection timeout, so a failed first check
                         # (not the selection timeout) ends a one-host probe.
                         connectTimeoutMS=_ms(
-                            min(trace.connect_timeout, remaining - _SELECTION_MARGIN - 0.1)
+                            min(trace.connect_timeout, remaining - margin)
                         ),
                         socketTimeoutMS=_ms(remaining),
                         appname="probe",

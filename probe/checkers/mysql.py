@@ -60,6 +60,7 @@ _THROWAWAY_USER = "drs_probe_no_tls"
 # What a PostgreSQL client sends first; a PostgreSQL server answers it with one byte.
 _PG_SSL_REQUEST = struct.pack("!ii", 8, 80877103)
 _GREETING_WINDOW = 3.0
+_COM_QUIT = b"\x01\x00\x00\x00\x01"  # length 1, sequence 0, COM_QUIT (as ensure_closed sends)
 _MAYBE_TLS_REQUIRED = (
     "; or, on MariaDB, the server requires SSL (it reports that the same way): "
     "then set ssl_link to true"
@@ -123,6 +124,8 @@ class _ProbeConnection(aiomysql.Connection):  # type: ignore[misc]
 
     async def _await_greeting(self) -> None:
         reader: asyncio.StreamReader = self._reader
+        if reader._buffer:  # type: ignore[attr-defined]  # the greeting is here: no timer
+            return
         where = self._probe_trace.address or self._probe_target
         window = max(0.1, min(_GREETING_WINDOW, self._probe_trace.remaining() - 1.0))
         with anyio.move_on_after(window):
@@ -134,7 +137,8 @@ class _ProbeConnection(aiomysql.Connection):  # type: ignore[misc]
         # say what a PostgreSQL client says first and see whether it answers.
         self._writer.write(_PG_SSL_REQUEST)
         answer = b""
-        with anyio.move_on_after(max(0.1, self._probe_trace.remaining() - 0.05)):
+        # Up to the deadline itself: a timeout is never reported before it.
+        with anyio.move_on_after(max(0.1, self._probe_trace.remaining())):
             answer = await reader.read(64)
         if (answer[:1] in (b"N", b"S") and len(answer) == 1) or answer[:1] == b"E":
             raise ProbeFailure(
@@ -198,8 +202,10 @@ async def _close(conn: _ProbeConnection) -> None:
         return
     transport = conn._writer.transport
     try:
-        with anyio.fail_after(1):
-            await conn.ensure_closed()  # COM_QUIT: a clean goodbye, not an aborted client
+        conn._writer.write(_COM_QUIT)  # a clean goodbye, not an aborted client
+        if transport.get_write_buffer_size():  # not handed to the kernel yet (TLS, full buffer)
+            with anyio.move_on_after(1):
+                await conn._writer.drain()
     except Exception:
         pass
     finally:
