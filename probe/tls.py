@@ -120,19 +120,19 @@ class MaterialCache:
 
         Blocking (decoding, parsing, building the context): call it off the loop.
         """
-        digest_key = hashlib.sha256((password or "").encode("utf-8")).hexdigest()
-        key = (checksum.lower(), digest_key, verify_hostname)
-        with self._lock:
-            if key in self._items:
-                cached = self._items[key]
-                self._items.move_to_end(key)
-                # Same checksum claimed, so the bytes must still be checked.
-                if hashlib.sha256(decode(cert_b64)).hexdigest() == cached.checksum:
-                    return cached
+        # The bytes are decoded and hashed once, hit or miss: the cache is keyed by
+        # what they are, not by what the request claims.
         data = decode(cert_b64)
         actual = hashlib.sha256(data).hexdigest()
         if actual != checksum.lower():
             raise ProbeFailure(ErrorCode.SSL_CHECKSUM_MISMATCH)
+        digest_key = hashlib.sha256((password or "").encode("utf-8")).hexdigest()
+        key = (actual, digest_key, verify_hostname)
+        with self._lock:
+            cached = self._items.get(key)
+            if cached is not None:
+                self._items.move_to_end(key)
+                return cached
         certs = _certificates(data, name, password)
         ca_pem = b"".join(c.public_bytes(Encoding.PEM) for c in certs)
         try:
