@@ -584,7 +584,39 @@ class _Runnable(Protocol):
     async def stop(self) -> None: ...
 
 
-class MongoWireServer:
+class _Startable:
+    """`async with`, and `run_in_thread()` for sync code, over `start()`/`stop()`."""
+
+    @property
+    def _thread_name(self) -> str:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    @contextlib.contextmanager
+    def run_in_thread(self) -> Iterator[Self]:
+        """Run on its own event loop in a background thread (for sync code)."""
+        with _run_in_thread(self, self._thread_name):
+            yield self
+
+
+class MongoWireServer(_Startable):
     """One MongoDB-speaking server on a loopback port.
 
     ``port=0`` picks a free port; after ``start()`` :attr:`port` and :attr:`address`
@@ -746,23 +778,9 @@ class MongoWireServer:
             await asyncio.sleep(0)
         logger.debug("mongo wire server on %s stopped", self.address)
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
-    @contextlib.contextmanager
-    def run_in_thread(self) -> Iterator[Self]:
-        """Run the server on its own event loop in a background thread (for sync code)."""
-        with _run_in_thread(self, f"mongo-wire-{self.host}"):
-            yield self
+    @property
+    def _thread_name(self) -> str:
+        return f"mongo-wire-{self.host}"
 
     async def wait_idle(self, timeout: float = 5.0) -> bool:
         """Wait (on the server's loop) until no client connection is open."""
@@ -1218,7 +1236,7 @@ class MongoWireServer:
 # --------------------------------------------------------------------------- replica set
 
 
-class MongoReplicaSet:
+class MongoReplicaSet(_Startable):
     """``members`` servers on loopback ports forming one replica set ``name``.
 
     Every member advertises ``hosts`` = all members' ``127.0.0.1:port`` (or, with
@@ -1322,23 +1340,9 @@ class MongoReplicaSet:
         deadline = time.monotonic() + timeout
         return all(m.wait_idle_sync(max(0.0, deadline - time.monotonic())) for m in self.members)
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
-    @contextlib.contextmanager
-    def run_in_thread(self) -> Iterator[Self]:
-        """Run all members on one event loop in a background thread (for sync code)."""
-        with _run_in_thread(self, f"mongo-wire-rs-{self.name}"):
-            yield self
+    @property
+    def _thread_name(self) -> str:
+        return f"mongo-wire-rs-{self.name}"
 
 
 # --------------------------------------------------------------------------- driver leaks
