@@ -393,8 +393,10 @@ async def test_unresolvable_member_names() -> None:
             await client.admin.command("ping")
         assert time.monotonic() - started < 5
         assert "-mongo-0.invalid:27017" in str(info.value)
-        # the seeds answered, then the driver dropped them for the advertised names
-        assert all(member.commands["ismaster"] >= 1 for member in rs.members)
+        # a seed answered, then the driver dropped the seeds for the advertised
+        # names (the primary's answer drops the seeds not yet checked, so only
+        # "at least one" is certain)
+        assert any(member.commands["ismaster"] >= 1 for member in rs.members)
         assert client.nodes == frozenset()
 
 
