@@ -189,3 +189,15 @@ async def test_300_probes_leave_no_socket_or_task(mongo: MongoWireServer, faults
     await anyio.sleep(0.5)
     assert len(os.listdir("/proc/self/fd")) <= fds_before
     assert len(asyncio.all_tasks()) <= tasks_before
+
+
+def test_tls_facts_come_from_the_member_that_answered() -> None:
+    from probe.checkers.mongodb import _ssl_object
+
+    a, b = object(), object()
+    peers = {("127.0.0.1", 1001): a, ("127.0.0.1", 1002): b}
+    assert _ssl_object(peers, ("127.0.0.1", 1002)) is b
+    assert _ssl_object(peers, ("localhost", 1001)) is a  # a name: matched by port
+    assert _ssl_object(peers, ("localhost", 1003)) is None  # unknown: no guess
+    assert _ssl_object({("::1", 1001): a}, ("localhost", 1003)) is a  # one address only
+    assert _ssl_object(peers, None) is None

@@ -19,7 +19,7 @@ from probe.testing import postgres as p
 from probe.testing.certs import TestPKI, sha256_hex
 from probe.testing.faults import FaultServer, mysql_error, mysql_greeting
 from probe.testing.mariadb import MariaDBServer
-from probe.testing.mongo_wire import MongoWireServer
+from probe.testing.mongo_wire import MongoReplicaSet, MongoWireServer
 from probe.testing.postgres import PostgresServer
 from probe.tls import MAX_CERT_BYTES, MaterialCache, decode
 from tests.conftest import MONGO_USERS, job
@@ -120,11 +120,22 @@ async def test_good_ca_in_every_format(
     engine = engines[db_type]
     result = await probe_one(engine, engine.tls_port, tls)
     assert result["success"] is True, result
-    if db_type != "mongodb":
-        assert result["tls"]["version"].startswith("TLSv1.")
-        assert result["tls"]["cipher"]
-        assert "localhost" in result["tls"]["peer_cert_subject"]
-        assert result["tls"]["peer_cert_not_after"].startswith("3000")
+    assert result["tls"]["version"].startswith("TLSv1.")
+    assert result["tls"]["cipher"]
+    assert "localhost" in result["tls"]["peer_cert_subject"]
+    assert result["tls"]["peer_cert_not_after"].startswith("3000")
+
+
+@pytest.mark.anyio
+async def test_replica_set_over_tls_reports_the_primarys_tls(pki: TestPKI) -> None:
+    user = MONGO_USERS[0]
+    context = pki.server_tls().server_context()
+    async with MongoReplicaSet(3, users=[user], primary_index=2, ssl_context=context) as rs:
+        engine = Engine("mongodb", rs.seed_list, 0, 0, user.name, user.password)
+        result = await probe_one(engine, rs.seed_list, material(pki.ca_pem(), "ca.pem"))
+    assert result["success"] is True, result
+    assert result["tls"]["version"].startswith("TLSv1.")
+    assert "localhost" in result["tls"]["peer_cert_subject"]
 
 
 @pytest.mark.anyio

@@ -94,6 +94,9 @@ class Trace:
         self.closed_unanswered = False  # a server closed a connection before sending a byte
         self.first_answer: bytes | None = None  # the first bytes a server sent, if any
         self.server_offers_tls = False  # the server's greeting advertised TLS (MySQL)
+        # The TLS connections made over sockets a driver connected itself (PyMongo),
+        # by peer (ip, port): their SSL objects, for the TLS facts.
+        self.tls_peers: dict[tuple[str, int], Any] = {}
 
     def remaining(self) -> float:
         return self.deadline - asyncio.get_running_loop().time()
@@ -197,6 +200,10 @@ def install_loop_hook() -> None:
             # An already connected socket (PyMongo connects it with sock_connect,
             # aiomysql hands it over for TLS): look at its bytes, time nothing.
             transport, protocol = await original(sniffing_factory, *args, **kwargs)
+            if kwargs.get("ssl") is not None:
+                peer = transport.get_extra_info("peername")
+                if peer:
+                    trace.tls_peers[(peer[0], peer[1])] = transport.get_extra_info("ssl_object")
             return transport, getattr(protocol, "inner", protocol)
 
         host = args[0] if args else kwargs.get("host")

@@ -51,6 +51,7 @@ from probe.checkers.base import (
     network_failure,
 )
 from probe.errors import ErrorCode, ProbeFailure, scrub
+from probe.tls import tls_facts
 
 # MongoDB server error codes (src/mongo/base/error_codes.yml).
 _SERVER_CODES: dict[int, ErrorCode] = {
@@ -89,6 +90,23 @@ def _ca_file(ca_pem: bytes | None) -> Iterator[str | None]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+
+
+def _ssl_object(peers: dict[tuple[str, int], Any], server: tuple[str, int] | None) -> Any:
+    """The SSL object of a connection to `server`, the member that answered.
+
+    PyMongo names members as the topology does (perhaps by host name), the
+    connections know only addresses: matched by address, else by port, else
+    taken when every connection went to one address.
+    """
+    if server is None:
+        return None
+    if server in peers:
+        return peers[server]
+    by_port = [ssl_object for (_, port), ssl_object in peers.items() if port == server[1]]
+    if len(by_port) == 1:
+        return by_port[0]
+    return next(iter(peers.values())) if len(peers) == 1 else None
 
 
 def _seed(host: HostPort) -> str:
@@ -145,9 +163,11 @@ class MongoDBChecker(Checker):
                 await self._ping(client, trace, heartbeat if single else None)
             with trace.phase("query"):
                 build = await client.admin.command("buildInfo")
+                server = await client.address if trace.tls_peers else None
             return Facts(
                 server_version=str(build.get("version")) if build.get("version") else None,
                 address=trace.address,
+                tls=tls_facts(_ssl_object(trace.tls_peers, server)),
                 replica_set=_replica_set(client),
             )
         except ProbeFailure:
