@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import math
 import os
@@ -390,6 +391,8 @@ class Prober:
     ) -> None:
         endpoint = _endpoint(jobs, indices[0])
         host = endpoint.hosts()[0].host
+        if host.startswith("::ffff:"):  # an IPv4 address written as IPv6 is that address
+            host = _ipv4_mapped(host)
         try:
             limiter = await self._host_acquire(host, token)
             try:
@@ -485,6 +488,12 @@ def _endpoint(jobs: Sequence[Endpoint | RequestInvalid], index: int) -> Endpoint
     job = jobs[index]
     assert isinstance(job, Endpoint)
     return job
+
+
+def _ipv4_mapped(host: str) -> str:
+    address = ipaddress.ip_address(host.split("%")[0])
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return str(mapped) if mapped is not None else host
 
 
 def _label(endpoint: Endpoint) -> str:

@@ -659,20 +659,30 @@ class SlowServer(Checker):
             self.running[key] -= 1
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: the per-host limit is keyed by the host "
-                   "as written, so aliases of one server (localhost, 127.0.0.1) each get it")
-async def test_the_per_host_limit_holds_for_aliases_of_one_server(
-    net: Network, maria: MariaDBServer
-) -> None:
+async def _peak_per_host(maria: MariaDBServer, spellings: tuple[str, ...]) -> int:
     running: Counter[int] = Counter()
     peak: Counter[int] = Counter()
     checkers = {name: SlowServer(c, running, peak) for name, c in CHECKERS.items()}
     prober = Prober(ProbeSettings(deadline=10, per_host=2), checkers=checkers)
     jobs = [{**job("mysql", maria.port, MARIA_USER.name, f"pw{i}", id=f"a{i}"),
-             "ip": ("127.0.0.1", "localhost", "::ffff:127.0.0.1")[i % 3]} for i in range(12)]
+             "ip": spellings[i % len(spellings)]} for i in range(12)]
     response = await prober.run({"jobs": jobs})
     assert codes(response) == [C.AUTH_FAILED.value] * 12
-    assert peak[maria.port] <= 2
+    return peak[maria.port]
+
+
+async def test_the_per_host_limit_holds_for_spellings_of_one_address(
+    maria: MariaDBServer,
+) -> None:
+    assert await _peak_per_host(maria, ("127.0.0.1", "::ffff:127.0.0.1")) <= 2
+
+
+@pytest.mark.xfail(strict=True, reason="known gap: the per-host limit is keyed by the host "
+                   "as written (IP literals normalised), so a name and its address each get it")
+async def test_the_per_host_limit_holds_for_a_name_and_its_address(
+    net: Network, maria: MariaDBServer
+) -> None:
+    assert await _peak_per_host(maria, ("127.0.0.1", "localhost")) <= 2
 
 
 # ================================================================ 6. local limits
