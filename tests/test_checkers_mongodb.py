@@ -166,6 +166,19 @@ async def test_no_listed_host_answers(faults: Faults) -> None:
         result["error_msg"])
 
 
+async def test_a_streaming_server_gets_two_connections_per_probe() -> None:
+    # A server that sends topologyVersion (mongod 4.4+) would get a streaming
+    # monitor and a third, RTT-monitor connection, unless the checker polls.
+    user = MONGO_USERS[0]
+    async with MongoWireServer(users=[user], topology_version=True) as server:
+        results = [await probe_one(job("mongodb", server.address, user.name, user.password))
+                   for _ in range(5)]
+        assert all(r["success"] for r in results), results
+        assert sum(server.commands[n] for n in ("hello", "isMaster", "ismaster")) >= 5
+        assert server.awaitable_hellos == 0
+        assert server.connections_total <= 2 * 5
+
+
 async def test_300_probes_leave_no_socket_or_task(mongo: MongoWireServer, faults: Faults) -> None:
     user = MONGO_USERS[0]
     jobs = []

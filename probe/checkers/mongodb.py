@@ -154,6 +154,9 @@ class MongoDBChecker(Checker):
                         socketTimeoutMS=_ms(remaining),
                         appname="probe",
                         maxPoolSize=1,
+                        # Polling: no streaming hello and no RTT-monitor connection,
+                        # so a probe holds two sockets per member, not three.
+                        serverMonitoringMode="poll",
                         retryReads=False,
                         retryWrites=False,
                         connect=False,

@@ -13,8 +13,10 @@ authenticate and run ``ping``/``buildInfo``:
   ``OP_COMPRESSED`` is not supported and compression is never advertised.
 * ``hello``/``isMaster``/``ismaster`` with the fields drivers read, including
   ``saslSupportedMechs`` and speculative authentication; replica-set fields in
-  replica-set mode. ``topologyVersion`` is never sent, so drivers use the
-  polling (not the streaming/exhaust) monitoring protocol.
+  replica-set mode. ``topologyVersion`` is sent only with
+  ``topology_version=True`` (drivers then use the streaming monitoring
+  protocol: awaitable hellos, answered after ``maxAwaitTimeMS`` without
+  ``moreToCome``, are counted in :attr:`awaitable_hellos`).
 * real server-side SCRAM-SHA-1 and SCRAM-SHA-256 (``saslStart``/``saslContinue``,
   speculative ``saslStart`` inside ``hello``, ``skipEmptyExchange`` or the third
   empty round trip). Every authentication failure answers like mongod:
@@ -649,6 +651,7 @@ class MongoWireServer(_Startable):
         scram_iterations: Mapping[str, int] | None = None,
         backlog: int = 1024,
         tls_handshake_timeout: float = 10.0,
+        topology_version: bool = False,
     ) -> None:
         if fault is not None and fault not in _FAULTS:
             raise ValueError(f"unknown fault {fault!r}; choose from {sorted(_FAULTS)}")
@@ -678,6 +681,9 @@ class MongoWireServer(_Startable):
         self.logical_session_timeout_minutes = logical_session_timeout_minutes
         self.backlog = backlog
         self.tls_handshake_timeout = tls_handshake_timeout
+        self.topology_version: dict[str, Any] | None = (
+            {"processId": ObjectId(), "counter": 0} if topology_version else None
+        )
         iterations = dict(_SCRAM_DEFAULT_ITERATIONS)
         iterations.update(scram_iterations or {})
         if any(n < 4096 for n in iterations.values()):
@@ -697,6 +703,7 @@ class MongoWireServer(_Startable):
         # observable state
         self.connections_open = 0
         self.connections_total = 0
+        self.awaitable_hellos = 0  # streaming-protocol hellos (with maxAwaitTimeMS)
         self.commands: Counter[str] = Counter()
         self.auth_successes = 0
         self.auth_failures = 0
@@ -980,6 +987,12 @@ class MongoWireServer(_Startable):
         conn.hellos += 1
         if self.fault == "slow_hello":
             await asyncio.sleep(self.slow_hello_seconds)
+        wait_ms = body.get("maxAwaitTimeMS")
+        if isinstance(wait_ms, int) and "topologyVersion" in body:
+            # mongod answers an awaitable hello when the topology changes or after
+            # maxAwaitTimeMS; this topology never changes
+            self.awaitable_hellos += 1
+            await asyncio.sleep(wait_ms / 1000)
         writable = self.is_primary or self.replica_set is None
         doc: dict[str, Any] = {}
         if body.get("helloOk"):
@@ -1016,6 +1029,8 @@ class MongoWireServer(_Startable):
                 "readOnly": False,
             }
         )
+        if self.topology_version is not None:
+            doc["topologyVersion"] = self.topology_version
         if self.logical_session_timeout_minutes is not None:
             doc["logicalSessionTimeoutMinutes"] = self.logical_session_timeout_minutes
         mechs_for = body.get("saslSupportedMechs")
