@@ -214,3 +214,30 @@ def test_tls_facts_come_from_the_member_that_answered() -> None:
     assert _ssl_object(peers, ("localhost", 1003)) is None  # unknown: no guess
     assert _ssl_object({("::1", 1001): a}, ("localhost", 1003)) is a  # one address only
     assert _ssl_object(peers, None) is None
+
+
+async def test_a_slow_close_is_waited_for_a_while_then_left_to_finish(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A stand-in client: no server makes PyMongo's close() outlast a wait on
+    # demand (on a loop busy with hundreds of clients it takes seconds).
+    from probe.checkers import mongodb
+
+    monkeypatch.setattr(mongodb, "_CLOSE_WAIT", 0.05)
+    ended = anyio.Event()
+
+    class SlowClose:
+        async def close(self) -> None:
+            await anyio.sleep(0.3)  # neither cancelled nor cut short
+            ended.set()
+
+    started = time.monotonic()
+    with anyio.CancelScope() as scope:
+        scope.cancel()  # the probe is being cancelled: the close still runs
+        await mongodb._close(SlowClose())  # type: ignore[arg-type]
+    assert time.monotonic() - started < 0.25
+    assert not ended.is_set() and len(mongodb._closing) == 1
+    with anyio.fail_after(5):
+        await ended.wait()
+    await anyio.sleep(0)
+    assert not mongodb._closing

@@ -12,12 +12,13 @@ member answered; that, not the error text, decides the code.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
 import struct
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -90,6 +91,32 @@ def _ca_file(ca_pem: bytes | None) -> Iterator[str | None]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+
+
+# Closes that outlived their wait, referenced until they end.
+_closing: set[asyncio.Task[None]] = set()
+_CLOSE_WAIT = 5.0
+
+
+async def _close(client: AsyncMongoClient[dict[str, Any]]) -> None:
+    """Close the client, shielded from our cancellation, waiting at most _CLOSE_WAIT.
+
+    close() waits for the monitor tasks to end; on a loop busy with hundreds of
+    clients that can take seconds. It is never cancelled (PyMongo's cleanup
+    does not survive anyio's repeated cancellation): past the wait it goes on
+    in the background, so the probe answers.
+    """
+    task = asyncio.ensure_future(client.close())
+    _closing.add(task)
+    task.add_done_callback(_closed)
+    with anyio.CancelScope(shield=True):
+        await asyncio.wait([task], timeout=_CLOSE_WAIT)
+
+
+def _closed(task: asyncio.Task[None]) -> None:
+    _closing.discard(task)
+    if not task.cancelled():
+        task.exception()  # retrieved: a failed close changes no answer
 
 
 def _ssl_object(peers: dict[tuple[str, int], Any], server: tuple[str, int] | None) -> Any:
@@ -179,11 +206,7 @@ class MongoDBChecker(Checker):
             raise classify(exc, target, trace, client) from None
         finally:
             if client is not None:
-                # Shielded from our cancellation, but bounded: out of descriptors,
-                # PyMongo can leak its topology lock and close() never returns.
-                with anyio.CancelScope(shield=True), anyio.move_on_after(2), \
-                        contextlib.suppress(Exception):
-                    await client.close()
+                await _close(client)
 
     @staticmethod
     async def _ping(
@@ -191,18 +214,24 @@ class MongoDBChecker(Checker):
     ) -> None:
         """Authenticate and ping.
 
-        With one host, stop as soon as the answer is known to be no: its first
-        bytes show it is not MongoDB, or its first heartbeat failed (PyMongo
-        would otherwise keep retrying until server selection times out).
+        With one host, the first heartbeat (or first bytes that are not MongoDB)
+        decides before any command is sent: a command waiting in server
+        selection would otherwise retry until its timeout, and cancelling it is
+        unsafe. PyMongo waits for its topology in asyncio.wait_for around a
+        Condition.wait; anyio cancels again at every await, and cancelled again
+        while wait_for waits for that wait to take the lock back, it returns
+        without the lock: ``Lock is not acquired``, and the topology lock left
+        to a task nobody waits for.
         """
         if heartbeat is None:
             await client.admin.command("ping")
             return
         trace.first_answer_check = first_answer_problem
-        with anyio.CancelScope() as scope:
-            trace.on_mismatch = heartbeat.on_failure = scope.cancel
+        trace.on_mismatch = heartbeat.answered.set
+        await client.aconnect()  # starts the monitor: the first heartbeat
+        await heartbeat.answered.wait()
+        if trace.mismatch is None and heartbeat.error is None:
             await client.admin.command("ping")
-        if not scope.cancelled_caught:
             return
         where = trace.address or ""
         if trace.mismatch is not None:
@@ -232,23 +261,22 @@ class MongoDBChecker(Checker):
 
 
 class _FirstHeartbeat(ServerHeartbeatListener):
-    """Catches the first failed heartbeat of a one-host client."""
+    """The first heartbeat of a one-host client: `answered` is set, `error` says how."""
 
     def __init__(self) -> None:
         self.error: BaseException | None = None
-        self.on_failure: Callable[[], object] | None = None
+        self.answered = anyio.Event()
 
     def started(self, event: ServerHeartbeatStartedEvent) -> None:
         pass
 
     def succeeded(self, event: ServerHeartbeatSucceededEvent) -> None:
-        pass
+        self.answered.set()
 
     def failed(self, event: ServerHeartbeatFailedEvent) -> None:
-        if self.error is None and isinstance(event.reply, BaseException):
+        if not self.answered.is_set() and isinstance(event.reply, BaseException):
             self.error = event.reply
-            if self.on_failure is not None:
-                self.on_failure()
+        self.answered.set()
 
 
 def _replica_set(client: AsyncMongoClient[dict[str, Any]]) -> dict[str, Any] | None:
