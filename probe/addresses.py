@@ -202,19 +202,21 @@ async def resolve(target: HostPort, policy: NetworkPolicy) -> list[Resolved]:
         literal: IPAddress | None = ipaddress.ip_address(target.host)
     except ValueError:
         literal = None
-    if literal is not None:
+    if literal is not None:  # one address, parsed once
+        plain = ipaddress.ip_address(target.host.split("%")[0]) if "%" in target.host else literal
+        if not policy.allows(plain, target.port):
+            raise ProbeFailure(ErrorCode.NETWORK_POLICY_DENIED, target=str(target))
         family = socket.AF_INET6 if literal.version == 6 else socket.AF_INET
-        found: list[tuple[int, str]] = [(family, str(literal))]
-    else:
-        try:
-            infos = await anyio.getaddrinfo(
-                target.host, target.port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
-            )
-        except socket.gaierror as exc:
-            raise ProbeFailure(
-                ErrorCode.DNS_FAILURE, target=str(target), cause=_gai_cause(exc)
-            ) from exc
-        found = list(dict.fromkeys((int(fam), str(sa[0])) for fam, _, _, _, sa in infos))
+        return [Resolved(str(literal), target.port, family, target)]
+    try:
+        infos = await anyio.getaddrinfo(
+            target.host, target.port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+        )
+    except socket.gaierror as exc:
+        raise ProbeFailure(
+            ErrorCode.DNS_FAILURE, target=str(target), cause=_gai_cause(exc)
+        ) from exc
+    found = dict.fromkeys((int(fam), str(sa[0])) for fam, _, _, _, sa in infos)
     allowed = [
         Resolved(ip, target.port, fam, target)
         for fam, ip in found
