@@ -243,6 +243,98 @@ CATALOG: dict[ErrorCode, CatalogEntry] = {
 }
 
 
+# zh-cn for the causes probe writes itself; what a driver or a server said stays as it came.
+_ZH_CAUSES: dict[str, str] = {
+    # request validation
+    "empty": "为空",
+    "too long": "过长",
+    "1-64 characters of A-Z a-z 0-9 _ -": "应为 1-64 个字符（A-Z a-z 0-9 _ -）",
+    "contains a NUL character": "包含 NUL 字符",
+    "must be 0 for MongoDB: ports go in ip": "MongoDB 必须为 0：端口写在 ip 中",
+    "must be from 1 to 65535": "必须在 1 到 65535 之间",
+    "required when ssl_link is true": "ssl_link 为 true 时必填",
+    "must be 64 hexadecimal characters (SHA-256)": "必须是 64 个十六进制字符（SHA-256）",
+    "not valid Unicode text": "不是合法的 Unicode 文本",
+    "must be an object": "必须是对象",
+    "expected an object": "应为 JSON 对象",
+    "must be an array": "必须是数组",
+    "input should be a valid string": "应为字符串",
+    "input should be a valid integer": "应为整数",
+    "input should be a valid boolean": "应为布尔值",
+    "input should be a valid dictionary": "应为对象",
+    "input should be a valid list": "应为数组",
+    "empty host": "主机为空",
+    "not a valid IPv4 address": "不是合法的 IPv4 地址",
+    "not a valid IPv6 address": "不是合法的 IPv6 地址",
+    "not a valid IP address or host name": "不是合法的 IP 地址或主机名",
+    "port must be a number from 1 to 65535": "端口必须是 1 到 65535 之间的数字",
+    "ip holds a port; put the port in db_port": "ip 中包含端口；请把端口填在 db_port 中",
+    "empty entry in the host list": "主机列表中有空项",
+    "more than 64 hosts": "主机超过 64 个",
+    # certificate material
+    "larger than 500 KiB": "超过 500 KiB",
+    "ssl_cert_key is not valid base64": "ssl_cert_key 不是合法的 base64",
+    "the PEM file holds no readable certificate": "PEM 文件中没有可读取的证书",
+    "not a PKCS#12 file, or the ssl_cert_password is wrong":
+        "不是 PKCS#12 文件，或 ssl_cert_password 错误",
+    "the PKCS#12 file holds no certificate": "PKCS#12 文件中没有证书",
+    "not a PEM, DER or PKCS#12 certificate": "不是 PEM、DER 或 PKCS#12 格式的证书",
+    "the certificate cannot be used as a CA": "该证书不能用作 CA",
+    # the network and the servers
+    "timed out": "超时",
+    "the batch deadline passed before the probe started": "探测开始前批次已到期",
+    "no such host": "主机不存在",
+    "temporary failure in name resolution": "域名解析暂时失败",
+    "resolver error": "域名解析出错",
+    "connection closed by the server": "连接被服务器关闭",
+    "the server speaks TLS from the first byte on this port": "该端口从第一个字节起即使用 TLS",
+    "the greeting is not a MySQL greeting": "问候报文不是 MySQL 格式",
+    "the server accepted TCP but sent no greeting": "服务器接受了 TCP 连接，但没有发送问候报文",
+    "the server's greeting could not be read as MySQL": "无法按 MySQL 协议解析服务器的问候报文",
+    "the member answers but is neither primary nor secondary":
+        "该成员有应答，但既不是主节点也不是从节点",
+    "the server closed the connection without answering the MongoDB hello: it is not "
+    "MongoDB, or it requires TLS (then set ssl_link to true)":
+        "服务器未应答 MongoDB hello 就关闭了连接：它不是 MongoDB，或者要求 TLS"
+        "（此时请将 ssl_link 设为 true）",
+    "; or, on MariaDB, the server requires SSL (it reports that the same way): "
+    "then set ssl_link to true":
+        "；或者（MariaDB）服务器要求 SSL（它以同样的方式报告）：此时请将 ssl_link 设为 true",
+}
+_ZH_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
+    (re.compile(pattern), zh) for pattern, zh in (
+        (r"one of (.+)", r"应为以下之一：\1"),
+        (r"((?:'[^']*', )*'[^']*') or ('[^']*')", r"应为以下之一：\1, \2"),  # pydantic Literal
+        (r"longer than (\d+) characters", r"超过 \1 个字符"),
+        (r"no answer within (\S+) s", r"\1 秒内无应答"),
+        (r"waited (\S+) s", r"已等待 \1 秒"),
+        (r"an? (\w+) server answers on this port", r"该端口上是 \1 服务"),
+        (r"the server's answer is not (\w+)", r"服务器的应答不是 \1 协议"),
+        (r"the server sent nothing for (\S+) s, then something that is not a MySQL greeting",
+         r"服务器 \1 秒内没有发送任何内容，之后发送的也不是 MySQL 问候报文"),
+        (r"no listed host resolves or is allowed \((\S+)\)",
+         r"列出的主机都无法解析或不被允许（\1）"),
+        (r"tried (.+)", r"已尝试 \1"),
+        (r"the listed hosts answered, then advertised members that cannot be reached from "
+         r"here: (.+)", r"列出的主机有应答，但它们通告的成员从这里无法访问：\1"),
+        (r"it is (\w+)", r"任务状态为 \1"),
+        (r"the forward task is (\w+)", r"正向任务状态为 \1"),
+    )
+)
+
+
+def cause_zh(cause: str) -> str:
+    """`cause` in Chinese when probe wrote it; driver and server text as it came."""
+    zh = _ZH_CAUSES.get(cause)
+    if zh is not None:
+        return zh
+    for pattern, template in _ZH_PATTERNS:
+        match = pattern.fullmatch(cause)
+        if match is not None:
+            return match.expand(template)
+    return cause
+
+
 def render(
     code: ErrorCode,
     lang: Language = "en-us",
@@ -258,7 +350,9 @@ def render(
     """
     entry = CATALOG[code]
     template = entry.zh if lang == "zh-cn" else entry.en
-    if cause and not cause.startswith(";"):
+    if cause and lang == "zh-cn":
+        cause = cause_zh(cause)
+    if cause and not cause.startswith((";", "；")):
         cause = ("：" if lang == "zh-cn" else ": ") + cause
     return template.format(target=target or "the endpoint", field=field, cause=cause)
 

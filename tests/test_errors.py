@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
-from probe.errors import CATALOG, LANGUAGES, ErrorCode, ProbeFailure, language, render, scrub
+import ast
+from pathlib import Path
+
+from probe.checkers.base import TLS_SPEAKER, describe_stranger
+from probe.checkers.mysql import _MAYBE_TLS_REQUIRED
+from probe.errors import (
+    CATALOG,
+    LANGUAGES,
+    ErrorCode,
+    ProbeFailure,
+    cause_zh,
+    language,
+    render,
+    scrub,
+)
 
 
 def test_every_code_has_both_texts() -> None:
@@ -35,3 +49,46 @@ def test_messages_never_contain_the_password() -> None:
 def test_language_falls_back_to_english() -> None:
     assert language("zh-CN") == "zh-cn"
     assert language("fr-fr") == "en-us" and language(None) == "en-us"
+
+
+def _causes_written_in(path: Path) -> set[str]:
+    """The literal causes a module writes: cause="...", _invalid("..."), _missing("..."),
+    ValueError("...") (the ip grammar), and the strings _gai_cause returns."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call):
+            name = getattr(node.func, "id", getattr(node.func, "attr", ""))
+            values = [k.value for k in node.keywords if k.arg == "cause"]
+            if name in ("_invalid", "_missing") or (name == "ValueError"
+                                                   and path.name == "addresses.py"):
+                values += node.args[:1]
+            found.update(v.value for v in values
+                         if isinstance(v, ast.Constant) and isinstance(v.value, str) and v.value)
+        if isinstance(node, ast.FunctionDef) and node.name == "_gai_cause":
+            found.update(n.value.value for n in ast.walk(node) if isinstance(n, ast.Return)
+                         and isinstance(n.value, ast.Constant))
+    return found
+
+
+def test_every_cause_probe_writes_has_a_chinese_text() -> None:
+    root = Path(__file__).resolve().parent.parent / "probe"
+    causes: set[str] = {TLS_SPEAKER, _MAYBE_TLS_REQUIRED}
+    for path in root.rglob("*.py"):
+        if "testing" not in path.parts:
+            causes |= _causes_written_in(path)
+    assert len(causes) > 30  # the scan found them
+    assert {c for c in causes if cause_zh(c) == c} == set()
+
+
+def test_formatted_causes_have_chinese_texts_and_driver_text_stays() -> None:
+    strangers = [describe_stranger(b) for b in (b"SSH-2.0-x", b"HTTP/1.1 400", b"R\0\0\0\x08")]
+    formatted = [*strangers, "one of mysql, postgresql", "longer than 1024 characters",
+                 "no answer within 2 s", "waited 3.0 s", "the server's answer is not MySQL",
+                 "tried 127.0.0.1:1: DRS.C10012", "it is RUNNING", "'vpn', 'vpc' or 'eip'",
+                 "the server sent nothing for 2.0 s, then something that is not a MySQL greeting"]
+    for cause in formatted:
+        assert cause is not None and cause_zh(cause) != cause, cause
+    assert cause_zh("Access denied for user 'u'@'h'") == "Access denied for user 'u'@'h'"
+    message = render(ErrorCode.CONNECT_TIMEOUT, "zh-cn", target="10.0.0.1:5432",
+                     cause="no answer within 5 s")
+    assert message.startswith("10.0.0.1:5432 没有 TCP 响应：5 秒内无应答。")
