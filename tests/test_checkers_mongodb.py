@@ -179,6 +179,14 @@ async def test_a_streaming_server_gets_two_connections_per_probe() -> None:
         assert server.connections_total <= 2 * 5
 
 
+async def test_a_server_shutting_down_is_unavailable_not_a_reset() -> None:
+    # PyMongo raises "not primary"/shutdown answers as NotPrimaryError, a lost connection
+    user = MONGO_USERS[0]
+    async with MongoWireServer(users=[user], fault="shutting_down") as server:
+        result = await probe_one(job("mongodb", server.address, user.name, user.password))
+    assert code_of(result) == ErrorCode.SERVER_UNAVAILABLE.value, result
+
+
 async def test_300_probes_leave_no_socket_or_task(mongo: MongoWireServer, faults: Faults) -> None:
     user = MONGO_USERS[0]
     jobs = []
@@ -240,4 +248,27 @@ async def test_a_slow_close_is_waited_for_a_while_then_left_to_finish(
     with anyio.fail_after(5):
         await ended.wait()
     await anyio.sleep(0)
+    assert not mongodb._closing
+
+
+async def test_a_close_that_never_ends_is_given_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A stand-in client whose close() never returns (PyMongo's, with its topology
+    # lock leaked): cancelled once and let go, so the collector can free it.
+    from probe.checkers import mongodb
+
+    monkeypatch.setattr(mongodb, "_CLOSE_WAIT", 0.05)
+    monkeypatch.setattr(mongodb, "_CLOSE_GIVE_UP", 0.1)
+    cancelled = anyio.Event()
+
+    class NeverCloses:
+        async def close(self) -> None:
+            try:
+                await anyio.sleep(3600)
+            finally:
+                cancelled.set()
+
+    await mongodb._close(NeverCloses())  # type: ignore[arg-type]
+    assert len(mongodb._closing) == 1
+    with anyio.fail_after(5):
+        await cancelled.wait()
     assert not mongodb._closing

@@ -139,6 +139,21 @@ async def test_replica_set_over_tls_reports_the_primarys_tls(pki: TestPKI) -> No
 
 
 @pytest.mark.anyio
+async def test_several_mongos_over_tls_report_tls(pki: TestPKI) -> None:
+    user = MONGO_USERS[0]
+    context = pki.server_tls().server_context()
+    async with (
+        MongoWireServer(users=[user], mongos=True, ssl_context=context) as a,
+        MongoWireServer(users=[user], mongos=True, ssl_context=context) as b,
+    ):
+        hosts = f"{a.address},{b.address}"
+        engine = Engine("mongodb", hosts, 0, 0, user.name, user.password)
+        result = await probe_one(engine, hosts, material(pki.ca_pem(), "ca.pem"))
+    assert result["success"] is True, result
+    assert result["tls"]["version"].startswith("TLSv1.")
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize("db_type", ENGINES)
 async def test_failures_have_exact_codes(
     engines: dict[str, Engine], pki: TestPKI, db_type: str

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import anyio
@@ -27,12 +28,17 @@ from pymongo.errors import (
     AutoReconnect,
     ConfigurationError,
     NetworkTimeout,
+    NotPrimaryError,
     OperationFailure,
     ProtocolError,
     PyMongoError,
     ServerSelectionTimeoutError,
 )
 from pymongo.monitoring import (
+    CommandFailedEvent,
+    CommandListener,
+    CommandStartedEvent,
+    CommandSucceededEvent,
     ServerHeartbeatFailedEvent,
     ServerHeartbeatListener,
     ServerHeartbeatStartedEvent,
@@ -53,6 +59,8 @@ from probe.checkers.base import (
 )
 from probe.errors import ErrorCode, ProbeFailure, scrub
 from probe.tls import tls_facts
+
+log = logging.getLogger("probe")
 
 # MongoDB server error codes (src/mongo/base/error_codes.yml).
 _SERVER_CODES: dict[int, ErrorCode] = {
@@ -93,9 +101,10 @@ def _ca_file(ca_pem: bytes | None) -> Iterator[str | None]:
             os.unlink(path)
 
 
-# Closes that outlived their wait, referenced until they end.
+# Closes that outlived their wait, referenced until they end or are given up.
 _closing: set[asyncio.Task[None]] = set()
 _CLOSE_WAIT = 5.0
+_CLOSE_GIVE_UP = 60.0
 
 
 async def _close(client: AsyncMongoClient[dict[str, Any]]) -> None:
@@ -104,13 +113,25 @@ async def _close(client: AsyncMongoClient[dict[str, Any]]) -> None:
     close() waits for the monitor tasks to end; on a loop busy with hundreds of
     clients that can take seconds. It is never cancelled (PyMongo's cleanup
     does not survive anyio's repeated cancellation): past the wait it goes on
-    in the background, so the probe answers.
+    in the background, so the probe answers. One that has not ended after
+    _CLOSE_GIVE_UP (a topology lock leaked) is cancelled once and let go, so
+    the garbage collector can stop the client's monitors and close its sockets.
     """
     task = asyncio.ensure_future(client.close())
     _closing.add(task)
     task.add_done_callback(_closed)
     with anyio.CancelScope(shield=True):
         await asyncio.wait([task], timeout=_CLOSE_WAIT)
+    if not task.done():
+        asyncio.get_running_loop().call_later(_CLOSE_GIVE_UP, _give_up, task)
+
+
+def _give_up(task: asyncio.Task[None]) -> None:
+    if not task.done():
+        log.warning("a MongoDB client did not close in %g s; left to the garbage collector",
+                    _CLOSE_WAIT + _CLOSE_GIVE_UP)
+        task.cancel()  # once: a plain asyncio cancellation
+    _closing.discard(task)
 
 
 def _closed(task: asyncio.Task[None]) -> None:
@@ -119,7 +140,9 @@ def _closed(task: asyncio.Task[None]) -> None:
         task.exception()  # retrieved: a failed close changes no answer
 
 
-def _ssl_object(peers: dict[tuple[str, int], Any], server: tuple[str, int] | None) -> Any:
+def _ssl_object(
+    peers: dict[tuple[str, int], Any], server: tuple[str, int | None] | None
+) -> Any:
     """The SSL object of a connection to `server`, the member that answered.
 
     PyMongo names members as the topology does (perhaps by host name), the
@@ -157,6 +180,7 @@ class MongoDBChecker(Checker):
         # selection must end first, so that its topology says what each answered.
         margin = 0.0 if single else _SELECTION_MARGIN
         heartbeat = _FirstHeartbeat()
+        answered_by = _AnsweredBy()  # which member's connection carried the commands
         client: AsyncMongoClient[dict[str, Any]] | None = None
         try:
             with trace.phase("login"):
@@ -187,17 +211,19 @@ class MongoDBChecker(Checker):
                         retryReads=False,
                         retryWrites=False,
                         connect=False,
-                        event_listeners=[heartbeat] if single else [],
+                        event_listeners=[
+                            *([heartbeat] if single else []),
+                            *([answered_by] if target.tls is not None else []),
+                        ],
                         **tls,
                     )
                 await self._ping(client, trace, heartbeat if single else None)
             with trace.phase("query"):
                 build = await client.admin.command("buildInfo")
-                server = await client.address if trace.tls_peers else None
             return Facts(
                 server_version=str(build.get("version")) if build.get("version") else None,
                 address=trace.address,
-                tls=tls_facts(_ssl_object(trace.tls_peers, server)),
+                tls=tls_facts(_ssl_object(trace.tls_peers, answered_by.address)),
                 replica_set=_replica_set(client),
             )
         except ProbeFailure:
@@ -258,6 +284,22 @@ class MongoDBChecker(Checker):
                 )
             raise failure
         return allowed
+
+
+class _AnsweredBy(CommandListener):
+    """The address of the member that answered the last command (for the TLS facts)."""
+
+    def __init__(self) -> None:
+        self.address: tuple[str, int | None] | None = None
+
+    def started(self, event: CommandStartedEvent) -> None:
+        pass
+
+    def succeeded(self, event: CommandSucceededEvent) -> None:
+        self.address = event.connection_id
+
+    def failed(self, event: CommandFailedEvent) -> None:
+        pass
 
 
 class _FirstHeartbeat(ServerHeartbeatListener):
@@ -404,6 +446,12 @@ def classify(
         if code is not None:
             return ProbeFailure(code, target=where)
         return ProbeFailure(ErrorCode.INTERNAL, target=where, cause=f"server error {exc.code}")
+    if isinstance(exc, NotPrimaryError) and isinstance(exc.details, Mapping):
+        # "not primary" / "node is recovering" / shutting down: a server answer
+        # that PyMongo raises as a lost connection
+        code = _SERVER_CODES.get(exc.details.get("code") or 0)
+        if code is not None:
+            return ProbeFailure(code, target=where)
     if isinstance(exc, ConfigurationError):
         return ProbeFailure(ErrorCode.INTERNAL, target=where,
                             cause=scrub(str(exc), target.password)[:200])

@@ -29,7 +29,8 @@ authenticate and run ``ping``/``buildInfo``:
 * fault modes: ``silent`` (accepts TCP, never answers, not even the TLS
   handshake), ``close_after_hello`` (answers the first hello of each
   connection, then closes it), ``slow_hello`` (every hello reply is delayed by
-  ``slow_hello_seconds``).
+  ``slow_hello_seconds``), ``shutting_down`` (hello and authentication answer,
+  every other command fails with code 91 ``ShutdownInProgress``).
 * :class:`MongoReplicaSet` starts several members on several loopback ports,
   all reporting one ``setName``. With ``unresolvable_names=True`` the members
   advertise host names that cannot resolve (see :data:`UNRESOLVABLE_HOST_TEMPLATE`).
@@ -141,8 +142,10 @@ _NO_AUTH_COMMANDS: Final = frozenset(
     }
 )
 
-Fault = Literal["silent", "close_after_hello", "slow_hello"]
-_FAULTS: Final = frozenset({"silent", "close_after_hello", "slow_hello"})
+Fault = Literal["silent", "close_after_hello", "slow_hello", "shutting_down"]
+_FAULTS: Final = frozenset({"silent", "close_after_hello", "slow_hello", "shutting_down"})
+# What a mongod that is shutting down answers any command but hello and authentication.
+_SHUTTING_DOWN_EXEMPT: Final = frozenset({"saslStart", "saslContinue"})
 
 #: maxWireVersion reported by each mongod release line.
 _WIRE_VERSIONS: Final[Mapping[tuple[int, int], int]] = {
@@ -960,6 +963,9 @@ class MongoWireServer(_Startable):
             return _error(40571, "Location40571", "OP_MSG requests require a $db argument"), False
         if name in _HELLO_COMMANDS:
             return await self._hello(conn, name, body)
+        if self.fault == "shutting_down" and name not in _SHUTTING_DOWN_EXEMPT:
+            return _error(91, "ShutdownInProgress", "The server is in quiesce mode and will "
+                          "shut down"), False
         handler = self._handlers().get(name)
         if handler is None:
             return _error(59, "CommandNotFound", f"no such command: '{name}'"), False
