@@ -187,6 +187,17 @@ async def test_a_server_shutting_down_is_unavailable_not_a_reset() -> None:
     assert code_of(result) == ErrorCode.SERVER_UNAVAILABLE.value, result
 
 
+async def test_a_host_list_where_every_member_failed_answers_at_once() -> None:
+    # No member can answer: waiting for the deadline (3 s here) would tell nothing more.
+    with RefusedPort() as a, RefusedPort() as b, RefusedPort() as c:
+        started = time.monotonic()
+        result = await probe_one(job("mongodb", f"127.0.0.1:{a.port},127.0.0.1:{b.port},"
+                                                f"127.0.0.1:{c.port}", "u", "p"))
+        assert time.monotonic() - started < FAST.deadline / 2
+    assert code_of(result) == ErrorCode.NO_REACHABLE_MEMBER.value
+    assert result["error_msg"].count(ErrorCode.CONNECTION_REFUSED.value) == 3
+
+
 async def test_300_probes_leave_no_socket_or_task(mongo: MongoWireServer, faults: Faults) -> None:
     user = MONGO_USERS[0]
     jobs = []

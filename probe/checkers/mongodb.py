@@ -75,10 +75,9 @@ _SERVER_CODES: dict[int, ErrorCode] = {
     189: ErrorCode.SERVER_UNAVAILABLE,  # PrimarySteppedDown
 }
 _MIN_MS = 100  # PyMongo rejects timeouts of 0
-# PyMongo's server selection wakes every 0.5 s (MIN_HEARTBEAT_INTERVAL) to look
-# at its clock, so it may overshoot its timeout by that much: end it earlier
-# than our deadline, so that its topology description decides the code.
-_SELECTION_MARGIN = 0.6
+# Several hosts: stop waiting for a usable member this long before the deadline,
+# so that the topology (what each member answered) decides the code.
+_SELECTION_MARGIN = 0.1
 
 
 def _ms(seconds: float) -> int:
@@ -175,11 +174,10 @@ class MongoDBChecker(Checker):
         trace.address = ",".join(_seed(h) for h in seeds)
         remaining = trace.remaining()
         single = len(seeds) == 1
-        # One host: its first failed heartbeat ends the probe, and our own deadline
-        # is the backstop, so PyMongo may use all the time there is. Several hosts:
-        # selection must end first, so that its topology says what each answered.
+        # One host: its first heartbeat decides. Several: a usable member, or every
+        # member failing, or the margin before the deadline decides (_ping).
         margin = 0.0 if single else _SELECTION_MARGIN
-        heartbeat = _FirstHeartbeat()
+        heartbeat = _Heartbeats()
         answered_by = _AnsweredBy()  # which member's connection carried the commands
         client: AsyncMongoClient[dict[str, Any]] | None = None
         try:
@@ -212,12 +210,11 @@ class MongoDBChecker(Checker):
                         retryWrites=False,
                         connect=False,
                         event_listeners=[
-                            *([heartbeat] if single else []),
-                            *([answered_by] if target.tls is not None else []),
+                            heartbeat, *([answered_by] if target.tls is not None else []),
                         ],
                         **tls,
                     )
-                await self._ping(client, trace, heartbeat if single else None)
+                await self._ping(client, target, trace, heartbeat, single)
             with trace.phase("query"):
                 build = await client.admin.command("buildInfo")
             return Facts(
@@ -236,33 +233,51 @@ class MongoDBChecker(Checker):
 
     @staticmethod
     async def _ping(
-        client: AsyncMongoClient[dict[str, Any]], trace: Trace, heartbeat: _FirstHeartbeat | None
+        client: AsyncMongoClient[dict[str, Any]],
+        target: Target,
+        trace: Trace,
+        heartbeat: _Heartbeats,
+        single: bool,
     ) -> None:
-        """Authenticate and ping.
+        """Authenticate and ping, once the heartbeats say a member can answer.
 
-        With one host, the first heartbeat (or first bytes that are not MongoDB)
-        decides before any command is sent: a command waiting in server
-        selection would otherwise retry until its timeout, and cancelling it is
-        unsafe. PyMongo waits for its topology in asyncio.wait_for around a
-        Condition.wait; anyio cancels again at every await, and cancelled again
-        while wait_for waits for that wait to take the lock back, it returns
-        without the lock: ``Lock is not acquired``, and the topology lock left
-        to a task nobody waits for.
+        No command is sent before: one waiting in PyMongo's server selection
+        cannot be cancelled safely. PyMongo waits for its topology in
+        asyncio.wait_for around a Condition.wait; anyio cancels again at every
+        await, and cancelled again while wait_for waits for that wait to take
+        the lock back, it returns without the lock: ``Lock is not acquired``,
+        and the topology lock left to a task nobody waits for.
+
+        One host: its first heartbeat (or first bytes that are not MongoDB)
+        decides. Several: a member able to take the command, or every member
+        failed, or the margin before the deadline, whichever comes first.
         """
-        if heartbeat is None:
-            await client.admin.command("ping")
-            return
-        trace.first_answer_check = first_answer_problem
-        trace.on_mismatch = heartbeat.answered.set
-        await client.aconnect()  # starts the monitor: the first heartbeat
-        await heartbeat.answered.wait()
-        if trace.mismatch is None and heartbeat.error is None:
-            await client.admin.command("ping")
-            return
+        await client.aconnect()  # starts the monitors: the first heartbeats
         where = trace.address or ""
-        if trace.mismatch is not None:
-            raise trace.mismatch_failure(where)
-        raise _member_failure(heartbeat.error, where, trace, single=True)
+        if single:
+            trace.first_answer_check = first_answer_problem
+            trace.on_mismatch = heartbeat.answered.set
+            await heartbeat.answered.wait()
+            if trace.mismatch is not None:
+                raise trace.mismatch_failure(where)
+            if heartbeat.error is not None:
+                raise _member_failure(heartbeat.error, where, trace, single=True)
+        else:
+            give_up = trace.deadline - _SELECTION_MARGIN
+            while True:
+                beat = heartbeat.rearm()
+                description = client.topology_description
+                if description.has_writable_server():
+                    break
+                now = anyio.current_time()
+                if now >= give_up or all(sd.error is not None
+                                         for sd in description.server_descriptions().values()):
+                    raise _topology_failure(client, target, trace)
+                # A heartbeat is published before the topology records it: look
+                # again after each, and at least every 0.1 s.
+                with anyio.move_on_after(min(0.1, give_up - now)):
+                    await beat.wait()
+        await client.admin.command("ping")
 
     async def _allowed_seeds(self, target: Target) -> list[HostPort]:
         """The listed hosts that resolve and that the network policy allows."""
@@ -302,23 +317,31 @@ class _AnsweredBy(CommandListener):
         pass
 
 
-class _FirstHeartbeat(ServerHeartbeatListener):
-    """The first heartbeat of a one-host client: `answered` is set, `error` says how."""
+class _Heartbeats(ServerHeartbeatListener):
+    """Heartbeats of the client's monitors: `answered` is set by the first, `error`
+    is the first one's failure, and each sets the event `rearm()` last returned."""
 
     def __init__(self) -> None:
         self.error: BaseException | None = None
         self.answered = anyio.Event()
+        self.beat = anyio.Event()
+
+    def rearm(self) -> anyio.Event:
+        self.beat = anyio.Event()
+        return self.beat
 
     def started(self, event: ServerHeartbeatStartedEvent) -> None:
         pass
 
     def succeeded(self, event: ServerHeartbeatSucceededEvent) -> None:
         self.answered.set()
+        self.beat.set()
 
     def failed(self, event: ServerHeartbeatFailedEvent) -> None:
         if not self.answered.is_set() and isinstance(event.reply, BaseException):
             self.error = event.reply
         self.answered.set()
+        self.beat.set()
 
 
 def _replica_set(client: AsyncMongoClient[dict[str, Any]]) -> dict[str, Any] | None:
@@ -455,23 +478,31 @@ def classify(
     if isinstance(exc, ConfigurationError):
         return ProbeFailure(ErrorCode.INTERNAL, target=where,
                             cause=scrub(str(exc), target.password)[:200])
-    servers = client.topology_description.server_descriptions() if client is not None else {}
-    if isinstance(exc, ServerSelectionTimeoutError) and servers:
-        single = len(target.hosts) == 1
-        failures = {
-            f"{host}:{port}": _member_failure(sd.error, f"{host}:{port}", trace, single,
-                                              unknown=sd.server_type_name == "Unknown")
-            for (host, port), sd in servers.items()
-        }
-        if len(target.hosts) == 1 and len(failures) == 1:
-            return next(iter(failures.values()))
-        listed = {_seed(h) for h in target.hosts}
-        advertised = sorted(set(failures) - listed)
-        summary = "; ".join(f"{m}: {f.code.value}" for m, f in sorted(failures.items()))
-        if advertised:
-            summary = (f"the listed hosts answered, then advertised members that cannot be "
-                       f"reached from here: {summary}")
-        else:
-            summary = f"tried {summary}"
-        return ProbeFailure(ErrorCode.NO_REACHABLE_MEMBER, target=where, cause=summary[:600])
+    if (isinstance(exc, ServerSelectionTimeoutError) and client is not None
+            and client.topology_description.server_descriptions()):
+        return _topology_failure(client, target, trace)
     return _member_failure(exc, where, trace, len(target.hosts) == 1)
+
+
+def _topology_failure(
+    client: AsyncMongoClient[dict[str, Any]], target: Target, trace: Trace
+) -> ProbeFailure:
+    """No member could take a command: what each answered, from the topology."""
+    where = trace.address or target.label
+    single = len(target.hosts) == 1
+    failures = {
+        f"{host}:{port}": _member_failure(sd.error, f"{host}:{port}", trace, single,
+                                          unknown=sd.server_type_name == "Unknown")
+        for (host, port), sd in client.topology_description.server_descriptions().items()
+    }
+    if single and len(failures) == 1:
+        return next(iter(failures.values()))
+    listed = {_seed(h) for h in target.hosts}
+    advertised = sorted(set(failures) - listed)
+    summary = "; ".join(f"{m}: {f.code.value}" for m, f in sorted(failures.items()))
+    if advertised:
+        summary = (f"the listed hosts answered, then advertised members that cannot be "
+                   f"reached from here: {summary}")
+    else:
+        summary = f"tried {summary}"
+    return ProbeFailure(ErrorCode.NO_REACHABLE_MEMBER, target=where, cause=summary[:600])
