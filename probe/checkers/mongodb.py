@@ -75,8 +75,7 @@ _SERVER_CODES: dict[int, ErrorCode] = {
     189: ErrorCode.SERVER_UNAVAILABLE,  # PrimarySteppedDown
 }
 _MIN_MS = 100  # PyMongo rejects timeouts of 0
-# Several hosts: stop waiting for a usable member this long before the deadline,
-# so that the topology (what each member answered) decides the code.
+# Several hosts: stop waiting for a usable member this long before the deadline.
 _SELECTION_MARGIN = 0.1
 
 
@@ -174,8 +173,8 @@ class MongoDBChecker(Checker):
         trace.address = ",".join(_seed(h) for h in seeds)
         remaining = trace.remaining()
         single = len(seeds) == 1
-        # One host: its first heartbeat decides. Several: a usable member, or every
-        # member failing, or the margin before the deadline decides (_ping).
+        # Several hosts: PyMongo's own timeouts end before ours, so that the
+        # topology (what each member answered) decides the code.
         margin = 0.0 if single else _SELECTION_MARGIN
         heartbeat = _Heartbeats()
         answered_by = _AnsweredBy()  # which member's connection carried the commands
@@ -194,9 +193,10 @@ class MongoDBChecker(Checker):
                         password=target.password,
                         authSource=target.database or "admin",
                         directConnection=len(seeds) == 1,
+                        # A backstop: commands wait for a usable member in _ping.
                         serverSelectionTimeoutMS=_ms(remaining - margin),
-                        # Below the selection timeout, so a failed first check
-                        # (not the selection timeout) ends a one-host probe.
+                        # One host: up to the deadline itself, so that a timeout is
+                        # never reported before it.
                         connectTimeoutMS=_ms(
                             min(trace.connect_timeout, remaining - margin)
                         ),
