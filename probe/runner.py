@@ -334,7 +334,7 @@ class Prober:
                 emit(index, failed_result(job.job_id, job, lang, None))
                 continue
             if self.task_states is not None:
-                problem = await task_problem(self.task_states, job.id)
+                problem = await self._task_problem(job)
                 if problem is not None:
                     emit(index, failed_result(job.id, problem, lang,
                                               job.end_point_type if detail else None))
@@ -377,6 +377,15 @@ class Prober:
             outcome = Outcome(None, failure, 0.0, {})
             for index in indices:
                 emit(index, outcome.result(_endpoint(jobs, index), lang, detail))
+
+    async def _task_problem(self, job: Endpoint) -> RequestInvalid | ProbeFailure | None:
+        """The task rules' verdict on `job`; a lookup that fails fails this job only."""
+        assert self.task_states is not None
+        try:
+            return await task_problem(self.task_states, job.id)
+        except Exception as exc:
+            log.error("task-state lookup failed for job %s: %s", job.id, _where(exc))
+            return ProbeFailure(ErrorCode.INTERNAL, target=_label(job))
 
     async def _run_group(
         self,
@@ -445,9 +454,12 @@ class Prober:
                 target = await self._target(endpoint, materials)
                 facts = await self.checkers[endpoint.db_type].check(target, trace)
             if scope.cancelled_caught:
-                facts, failure = None, trace.timeout_failure(trace.address or label)
+                failure = trace.timeout_failure(trace.address or label)
         except ProbeFailure as exc:
             failure = exc if exc.target else _with_target(exc, trace.address or label)
+            if failure.code is ErrorCode.SSL_VERIFY_FAILED and trace.handshake.certificates:
+                # what the server presented is what the user needs to fix this
+                failure = _with_cause(failure, trace.handshake.describe())
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is None or task.cancelling():
@@ -457,15 +469,14 @@ class Prober:
             log.error("internal error probing %s: a spurious CancelledError", label)
             failure = ProbeFailure(ErrorCode.INTERNAL, target=label)
         except Exception as exc:  # a bug of ours or a driver's: answer, never escape
-            # Where, not what: an exception's text may quote a driver's DSN.
-            frame = traceback.extract_tb(exc.__traceback__)[-1]
-            log.error("internal error probing %s: %s at %s:%s", label, type(exc).__name__,
-                      frame.filename, frame.lineno)
+            log.error("internal error probing %s: %s", label, _where(exc))
             failure = ProbeFailure(ErrorCode.INTERNAL, target=label)
         if failure is not None and failure.code is ErrorCode.INTERNAL and failure.cause:
             # The cause is a class name or a number, never driver text: safe to log.
             what = "the prober ran out of a resource" if failure.local else "unclassified failure"
             log.warning("%s probing %s: %s", what, label, failure.cause)
+        if failure is not None:
+            facts = trace.failure_facts()
         outcome = Outcome(facts, failure, (time.perf_counter() - started) * 1000, trace.phases)
         if self.observer is not None:
             self.observer(endpoint.db_type, outcome)
@@ -496,6 +507,12 @@ def _ipv4_mapped(host: str) -> str:
     return str(mapped) if mapped is not None else host
 
 
+def _where(exc: BaseException) -> str:
+    """What went wrong and where, never the exception's text (it may quote a DSN)."""
+    frame = traceback.extract_tb(exc.__traceback__)[-1]
+    return f"{type(exc).__name__} at {frame.filename}:{frame.lineno}"
+
+
 def _label(endpoint: Endpoint) -> str:
     return ",".join(str(h) for h in endpoint.hosts())
 
@@ -504,18 +521,36 @@ def _with_target(exc: ProbeFailure, target: str) -> ProbeFailure:
     return ProbeFailure(exc.code, target=target, cause=exc.cause, local=exc.local)
 
 
+def _with_cause(exc: ProbeFailure, more: str) -> ProbeFailure:
+    cause = f"{exc.cause}; {more}" if exc.cause else more
+    return ProbeFailure(exc.code, target=exc.target, cause=cause, local=exc.local)
+
+
 def _dedupe_key(job: Endpoint) -> tuple[Any, ...]:
-    """Jobs with equal keys are the same probe (ids and end_point_type aside)."""
+    """Jobs with equal keys are the same probe (ids and end_point_type aside).
+
+    The certificate counts by its content, not by the checksum the job claims:
+    a job whose certificate does not match its checksum must fail on its own,
+    not share the answer of a job whose certificate does. Engines count by family
+    (the registry's checker name: mysql and taurus are one).
+    """
     checker = CHECKERS.get(job.db_type)
+    tls = None
+    if job.ssl_link:
+        assert job.ssl_cert_key is not None
+        tls = (
+            job.ssl_cert_key.get_secret_value(),
+            job.ssl_cert_name,
+            (job.ssl_cert_check_sum or "").lower(),
+            job.ssl_cert_password.get_secret_value() if job.ssl_cert_password else None,
+        )
     return (
         checker.name if checker else job.db_type,
         job.hosts(),
         job.db_user,
         job.db_password.get_secret_value(),
         job.database(),
-        job.ssl_link,
-        (job.ssl_cert_check_sum or "").lower() if job.ssl_link else None,
-        job.ssl_cert_password.get_secret_value() if job.ssl_cert_password else None,
+        tls,
     )
 
 

@@ -16,7 +16,10 @@ import hashlib
 import ssl
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography import x509
@@ -96,6 +99,7 @@ def build_context(ca_pem: bytes, verify_hostname: bool = False) -> ssl.SSLContex
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=ca_pem.decode("ascii"))
     context.check_hostname = verify_hostname
     context.verify_mode = ssl.CERT_REQUIRED
+    observe_handshakes(context)
     return context
 
 
@@ -165,3 +169,128 @@ def tls_facts(ssl_object: Any) -> dict[str, str | None] | None:
         facts["peer_cert_not_after"] = cert.not_valid_after_utc.isoformat()
         facts["peer_cert_subject"] = cert.subject.rfc4514_string()
     return facts
+
+
+# ---------------------------------------------------------------- the handshake as it happened
+
+
+@dataclass(slots=True)
+class PeerHandshake:
+    """The server's side of a probe's last TLS handshake, recorded as it arrived.
+
+    Python's ssl module shows the peer certificate only after a handshake that
+    succeeded; this record also holds it when verification failed, which is when
+    the user most needs to know what the server presented.
+    """
+
+    version: str | None = None
+    cipher: str | None = None
+    certificates: list[bytes] = field(default_factory=list)  # DER, the server's first
+
+    def clear(self) -> None:
+        self.version, self.cipher, self.certificates = None, None, []
+
+    def facts(self) -> dict[str, str | None] | None:
+        """The TLS facts of this handshake (the shape `tls_facts` gives), or None."""
+        if not self.certificates:
+            return None
+        cert = _leaf(self.certificates)
+        return {
+            "version": self.version,
+            "cipher": self.cipher,
+            "peer_cert_not_after": cert.not_valid_after_utc.isoformat() if cert else None,
+            "peer_cert_subject": cert.subject.rfc4514_string() if cert else None,
+        }
+
+    def describe(self) -> str:
+        """The server certificate in a few words, for a verification failure's message."""
+        cert = _leaf(self.certificates)
+        if cert is None:
+            return ""
+        return (f"the server presented {cert.subject.rfc4514_string() or 'a certificate'}, "
+                f"issued by {cert.issuer.rfc4514_string() or '?'}, "
+                f"valid until {cert.not_valid_after_utc:%Y-%m-%d}")
+
+
+_handshake: ContextVar[PeerHandshake | None] = ContextVar("probe_tls_handshake", default=None)
+
+
+@contextmanager
+def recording_handshakes(record: PeerHandshake) -> Iterator[None]:
+    """Record the TLS handshakes made in this context (tasks started here included)."""
+    token = _handshake.set(record)
+    try:
+        yield
+    finally:
+        _handshake.reset(token)
+
+
+def observe_handshakes(context: ssl.SSLContext) -> None:
+    """Have `context` report each handshake to the probe it runs for.
+
+    `_msg_callback` is CPython's (private, present since 3.8) hook into OpenSSL's
+    message callback: it sees the server's handshake messages in the clear,
+    TLS 1.3 ones included, before verification can fail.
+    """
+    if getattr(context, "_msg_callback", None) is None:
+        context._msg_callback = _on_message  # type: ignore[attr-defined]
+
+
+_SERVER_HELLO = 2
+_CERTIFICATE = 11
+
+
+def _on_message(
+    conn: Any, direction: str, version: Any, content_type: Any, msg_type: Any, data: bytes
+) -> None:
+    record = _handshake.get()
+    if record is None or direction != "read" or content_type != ssl._TLSContentType.HANDSHAKE:  # type: ignore[attr-defined]
+        return
+    try:  # never let a malformed message break the handshake it describes
+        if msg_type == _SERVER_HELLO:
+            record.clear()  # a new handshake
+            record.cipher = _cipher_name(data)
+        elif msg_type == _CERTIFICATE:
+            record.version = str(version.name).replace("_", ".")
+            record.certificates = _certificate_list(data, tls13=version == ssl.TLSVersion.TLSv1_3)
+    except Exception:
+        pass
+
+
+def _certificate_list(message: bytes, tls13: bool) -> list[bytes]:
+    """The DER certificates of a Certificate handshake message (RFC 5246 7.4.2, RFC 8446 4.4.2)."""
+    at = 4  # type (1) and length (3)
+    if tls13:
+        at += 1 + message[at]  # certificate_request_context
+    end = at + 3 + int.from_bytes(message[at:at + 3], "big")
+    at += 3
+    certificates = []
+    while at + 3 <= end:
+        length = int.from_bytes(message[at:at + 3], "big")
+        certificates.append(message[at + 3:at + 3 + length])
+        at += 3 + length
+        if tls13:
+            at += 2 + int.from_bytes(message[at:at + 2], "big")  # per-certificate extensions
+    return certificates
+
+
+_cipher_names: dict[int, str] = {}
+
+
+def _cipher_name(server_hello: bytes) -> str | None:
+    """The cipher suite a ServerHello chose, by OpenSSL's name (as `SSLObject.cipher()`)."""
+    at = 4 + 2 + 32  # header, legacy_version, random
+    at += 1 + server_hello[at]  # legacy_session_id
+    suite = int.from_bytes(server_hello[at:at + 2], "big")
+    if not _cipher_names:
+        _cipher_names.update(
+            {c["id"] & 0xFFFF: c["name"] for c in ssl.create_default_context().get_ciphers()}
+        )
+    return _cipher_names.get(suite)
+
+
+def _leaf(certificates: list[bytes]) -> x509.Certificate | None:
+    try:
+        return x509.load_der_x509_certificate(certificates[0]) if certificates else None
+    except ValueError:
+        return None

@@ -37,6 +37,7 @@ from probe.service import (
     ConfigError,
     ServeOptions,
     ServiceConfig,
+    ServiceMetrics,
     TokenTable,
     config_from,
     create_app,
@@ -491,19 +492,45 @@ def test_task_rules(tasks_server: LiveServer, pg: PostgresServer, lang: str) -> 
 
 
 @pytest.mark.parametrize("lang", LANGS)
-def test_unexpected_error_is_a_500_without_internals(
+def test_a_failing_task_lookup_fails_its_job_only(
     tasks_server: LiveServer, pg: PostgresServer, lang: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     with httpx.Client(base_url=tasks_server.url, timeout=30) as c:
         resp = post(c, {"jobs": [pg_job(pg, id="task-ok"), pg_job(pg, id="task-boom")]}, lang=lang)
+    assert resp.status_code == 200, resp.text
+    ok, boom = resp.json()["results"]
+    assert ok["success"] is True
+    assert boom["id"] == "task-boom" and boom["error_code"] == "DRS.C10099"
+    for leak in ("Traceback", "RuntimeError", "boom-secret", "backend down", ".py"):
+        assert leak not in resp.text
+    # The log says what and where, never the exception's text.
+    logged = [r.getMessage() for r in caplog.records if r.name == "probe"]
+    assert any("task-boom" in m and "RuntimeError at " in m and "test_service.py" in m
+               for m in logged), logged
+    assert not any("boom-secret" in m for m in logged)
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_unexpected_error_is_a_500_without_internals(
+    pg: PostgresServer, lang: str, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Every probe failure is answered per job, so the last-resort handler is
+    # reached only by a bug of the service's own: one is planted in its metrics.
+    def broken(self: Any, db_type: str, outcome: Any) -> None:
+        raise RuntimeError("password=boom-secret-123")
+
+    monkeypatch.setattr(ServiceMetrics, "observe", broken)
+    with LiveServer(create_app(make_config())) as live, \
+            httpx.Client(base_url=live.url, timeout=30) as c:
+        resp = post(c, {"jobs": [pg_job(pg, id="task-ok")]}, lang=lang)
         assert resp.status_code == 500
         body = resp.json()
         assert body["error_code"] == "DRS.C10099" and set(body) == {"error_code", "error_msg"}
-        for leak in ("Traceback", "RuntimeError", "boom-secret", "backend down", ".py"):
+        for leak in ("Traceback", "RuntimeError", "boom-secret", ".py"):
             assert leak not in resp.text
-        # The worker is fine afterwards.
-        assert post(c, {"jobs": [pg_job(pg, id="task-ok")]}).status_code == 200
-    # The log says what and where, never the exception's text.
+        # The worker still serves.
+        assert c.get("/healthz").status_code == 200
     logged = [r.getMessage() for r in caplog.records if r.name == "probe.service"]
     assert any("RuntimeError at " in m and "test_service.py" in m for m in logged), logged
     assert not any("boom-secret" in m for m in logged)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import glob
 import os
 import tempfile
@@ -182,12 +183,47 @@ async def test_failures_have_exact_codes(
 
 
 @pytest.mark.anyio
-async def test_verification_failure_still_reports_tls_facts(engines: dict[str, Engine],
-                                                            pki: TestPKI) -> None:
+@pytest.mark.parametrize("db_type", ENGINES)
+async def test_verification_failure_still_reports_tls_facts(
+    engines: dict[str, Engine], pki: TestPKI, db_type: str
+) -> None:
+    # The handshake fails, yet the certificate the server presented is what the
+    # user needs: the facts and the message say what it was.
+    engine = engines[db_type]
+    expired = await probe_one(engine, engine.expired_port, material(pki.ca_pem(), "ca.pem"))
+    assert code(expired) == ErrorCode.SSL_VERIFY_FAILED.value, expired
+    assert "expired" in expired["error_msg"]
+    tls = expired["tls"]
+    assert tls["version"].startswith("TLSv1."), tls
+    assert "localhost" in tls["peer_cert_subject"]
+    not_after = dt.datetime.fromisoformat(tls["peer_cert_not_after"])
+    assert not_after < dt.datetime.now(dt.UTC)  # in the past: why it failed
+    assert "issued by" in expired["error_msg"] and "probe tests" in expired["error_msg"]
+
+    unknown_ca = await probe_one(engine, engine.tls_port, material(pki.ca_pem("other"), "ca.pem"))
+    assert code(unknown_ca) == ErrorCode.SSL_VERIFY_FAILED.value, unknown_ca
+    assert unknown_ca["tls"]["peer_cert_not_after"].startswith("3000")
+    # the issuer the server's certificate names, not the unrelated CA that was given
+    issuer = unknown_ca["error_msg"].split("issued by ")[1]
+    assert "O=probe tests," in issuer and "unrelated" not in issuer
+
+
+@pytest.mark.anyio
+async def test_a_certificate_counts_by_its_content_not_its_claimed_checksum(
+    engines: dict[str, Engine], pki: TestPKI
+) -> None:
+    # Two otherwise identical jobs, one with the right CA and one with another CA
+    # under the first one's checksum: the second fails on its own (C10021) and
+    # does not share the first one's success.
     engine = engines["postgresql"]
-    result = await probe_one(engine, engine.expired_port, material(pki.ca_pem(), "ca.pem"))
-    assert code(result) == ErrorCode.SSL_VERIFY_FAILED.value
-    assert "expired" in result["error_msg"]
+    good = material(pki.ca_pem(), "ca.pem")
+    forged = {**material(pki.ca_pem("other"), "ca.pem"),
+              "ssl_cert_check_sum": good["ssl_cert_check_sum"]}
+    jobs = [job(engine.db_type, engine.tls_port, engine.user, engine.password, db_name="appdb",
+                id=f"j{i}", **tls) for i, tls in enumerate([good, forged, good])]
+    response = await Prober(FAST).run({"jobs": jobs})
+    assert [r.error_code for r in response.results] == [
+        None, ErrorCode.SSL_CHECKSUM_MISMATCH.value, None]
 
 
 @pytest.mark.anyio

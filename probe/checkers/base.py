@@ -38,6 +38,7 @@ import anyio
 
 from probe.addresses import HostPort, NetworkPolicy, Resolved, resolve
 from probe.errors import ErrorCode, ProbeFailure
+from probe.tls import PeerHandshake, observe_handshakes, recording_handshakes
 
 if TYPE_CHECKING:
     from probe.tls import TLSMaterial
@@ -97,6 +98,8 @@ class Trace:
         # The TLS connections made over sockets a driver connected itself (PyMongo),
         # by peer (ip, port): their SSL objects, for the TLS facts.
         self.tls_peers: dict[tuple[str, int], Any] = {}
+        # The last TLS handshake as the server sent it, kept when it failed.
+        self.handshake = PeerHandshake()
 
     def remaining(self) -> float:
         return self.deadline - asyncio.get_running_loop().time()
@@ -153,6 +156,12 @@ class Trace:
             shown = f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
             raise ProbeFailure(ErrorCode.NETWORK_POLICY_DENIED, target=shown)
 
+    def failure_facts(self) -> Facts | None:
+        """What a failed probe still learned: the address that answered, the TLS facts."""
+        tls = self.handshake.facts()
+        address = self.address if self.tcp_connected else None
+        return Facts(address=address, tls=tls) if tls or address else None
+
     def _waited(self) -> str:
         if self.stage == "queued":
             return "the batch deadline passed before the probe started"
@@ -168,7 +177,8 @@ def tracing(trace: Trace) -> Iterator[None]:
     install_loop_hook()
     token = _current.set(trace)
     try:
-        yield
+        with recording_handshakes(trace.handshake):
+            yield
     finally:
         _current.reset(token)
 
@@ -199,6 +209,10 @@ def install_loop_hook() -> None:
         if kwargs.get("sock") is not None:
             # An already connected socket (PyMongo connects it with sock_connect,
             # aiomysql hands it over for TLS): look at its bytes, time nothing.
+            if isinstance(kwargs.get("ssl"), ssl.SSLContext):
+                # PyMongo's context, built per client from our CA file (ours are
+                # observed when they are built)
+                observe_handshakes(kwargs["ssl"])
             transport, protocol = await original(sniffing_factory, *args, **kwargs)
             if kwargs.get("ssl") is not None:
                 peer = transport.get_extra_info("peername")
@@ -471,6 +485,7 @@ class SingleHostChecker(Checker):
         for address in addresses:
             trace.address = str(address)
             trace.tcp_connected = False
+            trace.handshake.clear()
             try:
                 return await self.check_address(target, address, trace)
             except ProbeFailure as exc:
