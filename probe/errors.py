@@ -319,6 +319,8 @@ _ZH_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
          r"here: (.+)", r"列出的主机有应答，但它们通告的成员从这里无法访问：\1"),
         (r"it is (\w+)", r"任务状态为 \1"),
         (r"the forward task is (\w+)", r"正向任务状态为 \1"),
+        (r"no privilege on db_name (.+), or no such database \(the server does not say which\)",
+         r"对 db_name \1 没有权限，或该数据库不存在（服务器不区分这两种情况）"),
         (r"(.+); the server presented (.+), issued by (.+), valid until (\S+)",
          r"\1；服务器出示的证书为 \2，签发者为 \3，有效期至 \4"),
         (r"the server presented (.+), issued by (.+), valid until (\S+)",
