@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import pty
 import subprocess
 import sys
 import time
@@ -60,7 +62,8 @@ def test_200_mixed_endpoints_in_about_one_timeout(
     for i, result in enumerate(out["results"]):
         by_kind[i % 4].add(result.get("error_code"))
         if i % 4 == 3:
-            assert 900 <= result["elapsed_ms"] < 1800, result  # the 1 s connect timeout
+            # the 1 s connect timeout: never before it, and about it (a loaded CI box is slow)
+            assert 900 <= result["elapsed_ms"] < 3000, result
     assert by_kind == {0: {None}, 1: {"DRS.C10030"}, 2: {"DRS.C10012"}, 3: {"DRS.C10013"}}
     assert wall < 10  # about one timeout (plus interpreter start), not the sum of them
     assert "Traceback" not in done.stderr
@@ -101,3 +104,62 @@ def test_bad_input_is_one_line_never_a_traceback(tmp_path: Path) -> None:
         assert done.returncode == 2, (args, done.stderr)
         assert "Traceback" not in done.stderr
         assert len(done.stderr.strip().splitlines()) <= 2, done.stderr
+
+
+def test_tasks_file_applies_the_task_rules_before_any_traffic(
+    tmp_path: Path, faults: Faults
+) -> None:
+    tasks = tmp_path / "tasks.json"
+    tasks.write_text(json.dumps({
+        "task-ok": "CONFIGURATION",
+        "task-running": "FULL_TRANSFER_STARTED",
+        "task-parent": {"status": "CONFIGURATION", "role": "parent"},
+        "task-fwd": {"status": "INCRE_TRANSFER_STARTED", "role": "forward"},
+        "task-fwd-early": {"status": "FULL_TRANSFER_STARTED", "role": "forward"},
+        "task-back-ok": {"status": "CONFIGURATION", "role": "backward",
+                         "forward_task_id": "task-fwd"},
+        "task-back-early": {"status": "CONFIGURATION", "role": "backward",
+                            "forward_task_id": "task-fwd-early"},
+    }), encoding="utf-8")
+    ids = ["task-ok", "task-unknown", "task-running", "task-parent", "task-back-ok",
+           "task-back-early"]
+    # A refused port: a job the rules let through is probed (C10012), one they stop is not.
+    jobs = [job("mysql", faults.refused.port, "u", "p", id=i) for i in ids]
+    done = run([write(tmp_path, {"jobs": jobs}), "--tasks-file", str(tasks)])
+    assert done.returncode == 1, done.stderr
+    results = json.loads(done.stdout)["results"]
+    assert [r["id"] for r in results] == ids
+    assert [r["error_code"] for r in results] == [
+        "DRS.C10012", "DRS.10000010", "DRS.C10050", "DRS.C10052", "DRS.C10012", "DRS.C10051"]
+    assert "FULL_TRANSFER_STARTED" in results[5]["error_msg"]
+
+    tasks.write_text('{"task-x": {"status": "CONFIGURATION", "role": "backward"}}')
+    broken = run([write(tmp_path, {"jobs": jobs}), "--tasks-file", str(tasks)])
+    assert broken.returncode == 2 and "forward_task_id" in broken.stderr
+    assert "Traceback" not in broken.stderr and len(broken.stderr.strip().splitlines()) == 1
+
+
+def test_progress_bar_on_a_terminal_and_json_still_on_stdout(
+    tmp_path: Path, faults: Faults
+) -> None:
+    jobs = [job("mysql", faults.refused.port, f"u{i}", "p", id=f"j{i}") for i in range(20)]
+    controller, terminal = pty.openpty()
+    try:
+        proc = subprocess.Popen([*PROBE, write(tmp_path, {"jobs": jobs})], stdout=subprocess.PIPE,
+                                stderr=terminal, text=True)
+        os.close(terminal)
+        out, _ = proc.communicate(timeout=60)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # the terminal closed with the process
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        os.close(controller)
+    assert proc.returncode == 1
+    assert [r["id"] for r in json.loads(out)["results"]] == [f"j{i}" for i in range(20)]
+    assert b"probing" in seen and b"20/20" in seen, seen[-400:]
