@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from typing import Any
 
+import asyncpg
 import pytest
 
 from probe import Prober, ProbeSettings
@@ -15,7 +18,7 @@ from probe.testing.faults import Blackhole, FaultServer, RefusedPort
 from probe.testing.mariadb import MariaDBServer
 from probe.testing.postgres import PostgresServer
 from tests.conftest import Faults, job
-from tests.guard import Network
+from tests.guard import Network, loopback_only
 
 pytestmark = pytest.mark.anyio
 
@@ -103,12 +106,30 @@ async def test_mysql_too_many_connections() -> None:
                 conn.close()
 
 
-async def test_postgresql_server_shutting_down() -> None:
+async def test_a_frozen_postgresql_is_a_handshake_timeout() -> None:
     user = p.SCRAM_USER
     with PostgresServer(users=[user]) as server, server.frozen():
         # A stopped (SIGSTOP) server accepts TCP in the kernel and never answers.
         result = await probe_one(job("postgresql", server.port, user.name, user.password))
         assert_code(result, ErrorCode.HANDSHAKE_TIMEOUT)
+
+
+async def test_a_postgresql_shutting_down_is_unavailable() -> None:
+    # A smart shutdown (SIGTERM) waits for the sessions it has and refuses new
+    # ones with 57P03 "the database system is shutting down".
+    user = p.SCRAM_USER
+    with PostgresServer(users=[user]) as server:
+        held = await asyncpg.connect(host="127.0.0.1", port=server.port, user=user.name,
+                                     password=user.password, database="appdb", ssl=False)
+        try:
+            assert server.pid is not None
+            os.kill(server.pid, signal.SIGTERM)
+            result = await probe_one(job("postgresql", server.port, user.name, user.password,
+                                         db_name="appdb"))
+            assert_code(result, ErrorCode.SERVER_UNAVAILABLE)
+            assert "shutting down" in result["error_msg"]
+        finally:
+            await held.close()
 
 
 # ---------------------------------------------------------------- MySQL
@@ -198,6 +219,21 @@ async def test_wrong_engine_on_the_port(pg: PostgresServer, maria: MariaDBServer
 async def test_dns_failure_and_name_resolution(net: Network) -> None:
     result = await probe_one({**job("mysql", 3306, "u", "p"), "ip": "no-such-host.invalid"})
     assert_code(result, ErrorCode.DNS_FAILURE)
+
+
+@pytest.mark.parametrize(("db_type", "port"), [("postgresql", 5432), ("mysql", 3306),
+                                              ("mongodb", 0)])
+async def test_no_route_to_the_network_is_unreachable(db_type: str, port: int) -> None:
+    # No route means the kernel refuses the connect with ENETUNREACH before any
+    # packet. Reaching that state here would mean a route-less non-loopback
+    # address, so the tests' guard answers the connect to a TEST-NET-1 address
+    # with that errno, as the kernel would, and nothing is sent.
+    ip = "192.0.2.10" if port else "192.0.2.10:27017"
+    async with loopback_only() as guard:
+        result = await probe_one({**job(db_type, port or 27017, "u", "p"), "ip": ip})
+    assert_code(result, ErrorCode.NETWORK_UNREACHABLE)
+    assert "192.0.2.10" in result["error_msg"]
+    assert guard.blocked and not guard.connects
 
 
 async def test_localhost_name_tries_each_address(pg: PostgresServer) -> None:

@@ -24,6 +24,7 @@ from probe.testing.mongo_wire import MongoReplicaSet, MongoWireServer
 from probe.testing.postgres import PostgresServer
 from probe.tls import MAX_CERT_BYTES, MaterialCache, decode
 from tests.conftest import MONGO_USERS, job
+from tests.guard import loopback_only
 
 P12_PASSWORD = "pässwörd-p12 ключ"
 FAST = ProbeSettings(deadline=4, connect_timeout=2)
@@ -92,12 +93,12 @@ def ca_files() -> set[str]:
 
 
 async def probe_one(engine: Engine, port: int | str, tls: dict[str, Any] | None,
-                    **extra: Any) -> dict[str, Any]:
+                    settings: ProbeSettings = FAST, **extra: Any) -> dict[str, Any]:
     body = job(engine.db_type, port, engine.user, engine.password, **(tls or {}), **extra)
     if engine.db_type == "postgresql":
         body["db_name"] = "appdb"
     before = ca_files()
-    response = await Prober(FAST).run({"jobs": [body]}, detail=True)
+    response = await Prober(settings).run({"jobs": [body]}, detail=True)
     assert ca_files() <= before, "a CA file was left behind"
     return response.results[0].to_json()
 
@@ -184,6 +185,25 @@ async def test_failures_have_exact_codes(
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("db_type", ENGINES)
+async def test_bad_material_fails_before_any_traffic(
+    engines: dict[str, Engine], pki: TestPKI, db_type: str
+) -> None:
+    engine = engines[db_type]
+    good = material(pki.ca_pem(), "ca.pem")
+    cases = [
+        ({**good, "ssl_cert_check_sum": "0" * 64}, ErrorCode.SSL_CHECKSUM_MISMATCH),
+        ({**good, "ssl_cert_key": good["ssl_cert_key"][:-3]}, ErrorCode.SSL_CERT_INVALID),
+        (material(pki.ca_pkcs12(P12_PASSWORD), "ca.p12", "not-it"), ErrorCode.SSL_CERT_INVALID),
+    ]
+    for tls, expected in cases:
+        async with loopback_only() as guard:
+            result = await probe_one(engine, engine.tls_port, tls)
+        assert code(result) == expected.value, result
+        assert guard.connects == [] and guard.lookups == [] and guard.blocked == []
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("db_type", ENGINES)
 async def test_verification_failure_still_reports_tls_facts(
     engines: dict[str, Engine], pki: TestPKI, db_type: str
 ) -> None:
@@ -224,6 +244,35 @@ async def test_a_certificate_counts_by_its_content_not_its_claimed_checksum(
     response = await Prober(FAST).run({"jobs": jobs})
     assert [r.error_code for r in response.results] == [
         None, ErrorCode.SSL_CHECKSUM_MISMATCH.value, None]
+
+
+@pytest.mark.anyio
+async def test_verify_hostname_checks_the_name_only_when_asked(pki: TestPKI) -> None:
+    # The certificate is for db.invalid, the probe goes to 127.0.0.1: fine by
+    # default (databases are reached by address), a C10023 with verify_hostname.
+    mongo_user = MONGO_USERS[0]
+    wrong_host = pki.server_tls("wrong_host")
+    with (
+        PostgresServer(tls=wrong_host, users=[p.SCRAM_USER]) as pg_tls,
+        MariaDBServer(tls=wrong_host, users=[m.NATIVE_USER]) as maria_tls,
+        MongoWireServer(users=[mongo_user],
+                        ssl_context=wrong_host.server_context()).run_in_thread() as mongo_tls,
+    ):
+        engines = [
+            Engine("postgresql", pg_tls.port, 0, 0, p.SCRAM_USER.name, p.SCRAM_USER.password),
+            Engine("mysql", maria_tls.port, 0, 0, m.NATIVE_USER.name, m.NATIVE_USER.password),
+            Engine("mongodb", mongo_tls.address, 0, 0, mongo_user.name, mongo_user.password),
+        ]
+        tls = material(pki.ca_pem(), "ca.pem")
+        for engine in engines:
+            lenient = await probe_one(engine, engine.tls_port, tls)
+            assert lenient["success"] is True, lenient
+            assert "db.invalid" in lenient["tls"]["peer_cert_subject"]
+            strict = await probe_one(engine, engine.tls_port, tls,
+                                     settings=ProbeSettings(deadline=4, connect_timeout=2,
+                                                            verify_hostname=True))
+            assert code(strict) == ErrorCode.SSL_VERIFY_FAILED.value, (engine.db_type, strict)
+            assert "mismatch" in strict["error_msg"].lower(), strict
 
 
 @pytest.mark.anyio
