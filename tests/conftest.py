@@ -9,11 +9,14 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import pytest
 
 from probe.testing import mariadb as mariadb_mod
@@ -122,3 +125,15 @@ MONGO_USER = MONGO_USERS[0]
 
 # Nothing here may reach beyond loopback.
 os.environ.setdefault("NO_PROXY", "*")
+
+
+async def settle(condition: Any, timeout: float = 5.0) -> bool:
+    """Wait (collecting garbage) until `condition()` holds; whether it did."""
+    deadline = time.monotonic() + timeout
+    while True:
+        gc.collect()
+        if condition():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        await anyio.sleep(0.05)

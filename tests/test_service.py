@@ -908,6 +908,27 @@ def wait_healthy(url: str, proc: subprocess.Popen[str]) -> None:
     raise AssertionError("probe serve did not come up")
 
 
+def serve_on_free_port(
+    processes: list[subprocess.Popen[str]], argv: list[str], env: dict[str, str],
+    *, port_from_env: bool = False,
+) -> tuple[str, subprocess.Popen[str]]:
+    """`probe serve` on a free port, healthy; another port if that one was taken meanwhile."""
+    for _ in range(3):
+        port = str(free_port())
+        proc = serve_process(argv if port_from_env else [*argv, "--port", port],
+                             {**env, "PROBE_PORT": port} if port_from_env else env)
+        processes.append(proc)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_healthy(url, proc)
+        except AssertionError as exc:
+            if "address already in use" in str(exc):
+                continue
+            raise
+        return url, proc
+    raise AssertionError("no free port for probe serve in three tries")
+
+
 def stop(proc: subprocess.Popen[str]) -> tuple[int, str]:
     proc.send_signal(signal.SIGINT)
     try:
@@ -930,11 +951,7 @@ def processes() -> Iterator[list[subprocess.Popen[str]]]:
 
 def test_probe_serve_insecure_single_worker(processes: list[subprocess.Popen[str]],
                                             pg: PostgresServer) -> None:
-    port = free_port()
-    proc = serve_process(["--insecure-no-auth", "--port", str(port), "--max-jobs", "3"], {})
-    processes.append(proc)
-    url = f"http://127.0.0.1:{port}"
-    wait_healthy(url, proc)
+    url, proc = serve_on_free_port(processes, ["--insecure-no-auth", "--max-jobs", "3"], {})
     with httpx.Client(base_url=url, timeout=30) as c:
         resp = c.post(PATH, json={"jobs": [pg_job(pg)]})  # no token needed
         assert resp.json() == {"results": [{"id": "job-1", "status": "success", "success": True}],
@@ -950,12 +967,8 @@ def test_probe_serve_tokens_and_workers_from_the_environment(
     processes: list[subprocess.Popen[str]], pg: PostgresServer, tmp_path: Path
 ) -> None:
     tokens = write(tmp_path, "tokens.json", TOKENS)
-    port = free_port()
-    proc = serve_process([], {"PROBE_TOKENS_FILE": tokens, "PROBE_PORT": str(port),
-                              "PROBE_WORKERS": "2"})
-    processes.append(proc)
-    url = f"http://127.0.0.1:{port}"
-    wait_healthy(url, proc)
+    url, proc = serve_on_free_port(processes, [], {"PROBE_TOKENS_FILE": tokens,
+                                                   "PROBE_WORKERS": "2"}, port_from_env=True)
     for _ in range(4):  # new connections: both workers get some
         with httpx.Client(base_url=url, timeout=30) as c:
             assert post(c, {"jobs": [pg_job(pg)]}, token=None).status_code == 401
