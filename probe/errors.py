@@ -297,6 +297,8 @@ _ZH_CAUSES: dict[str, str] = {
     "MongoDB, or it requires TLS (then set ssl_link to true)":
         "服务器未应答 MongoDB hello 就关闭了连接：它不是 MongoDB，或者要求 TLS"
         "（此时请将 ssl_link 设为 true）",
+    "the server closed the connection without answering the MongoDB hello, and it does not "
+    "speak TLS either": "服务器未应答 MongoDB hello 就关闭了连接，并且它也不使用 TLS",
     "; or, on MariaDB, the server requires SSL (it reports that the same way): "
     "then set ssl_link to true":
         "；或者（MariaDB）服务器要求 SSL（它以同样的方式报告）：此时请将 ssl_link 设为 true",

@@ -124,8 +124,11 @@ async def test_a_two_second_deadline_holds(fault: str, faults: Faults) -> None:
 
 
 async def test_postgresql_port_is_not_mongodb(pg: Any) -> None:
+    # PostgreSQL hangs up on a MongoDB hello without a word, as a TLS-only server
+    # does; asked in TLS, it hangs up again: not MongoDB, and not TLS either.
     result = await probe_one(job("mongodb", pg.port, "u", "p"))
     assert code_of(result) == ErrorCode.PROTOCOL_MISMATCH.value
+    assert "does not speak TLS" in result["error_msg"], result
 
 
 async def test_replica_set_discovery_and_members() -> None:

@@ -6,6 +6,7 @@ import ast
 from pathlib import Path
 
 from probe.checkers.base import TLS_SPEAKER, describe_stranger
+from probe.checkers.mongodb import _HUNG_UP, _HUNG_UP_NOT_TLS
 from probe.checkers.mysql import _MAYBE_TLS_REQUIRED
 from probe.errors import (
     CATALOG,
@@ -72,7 +73,7 @@ def _causes_written_in(path: Path) -> set[str]:
 
 def test_every_cause_probe_writes_has_a_chinese_text() -> None:
     root = Path(__file__).resolve().parent.parent / "probe"
-    causes: set[str] = {TLS_SPEAKER, _MAYBE_TLS_REQUIRED}
+    causes: set[str] = {TLS_SPEAKER, _MAYBE_TLS_REQUIRED, _HUNG_UP, _HUNG_UP_NOT_TLS}
     for path in root.rglob("*.py"):
         if "testing" not in path.parts:
             causes |= _causes_written_in(path)

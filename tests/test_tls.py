@@ -347,9 +347,8 @@ def test_format_comes_from_content_then_name(pki: TestPKI) -> None:
 @pytest.mark.anyio
 async def test_plaintext_to_a_tls_only_mongodb(engines: dict[str, Engine]) -> None:
     # An OpenSSL server (mongod, and this wire server) hangs up on a plaintext
-    # hello without a word, exactly as a PostgreSQL server does: nothing on the
-    # wire tells "requires TLS" from "not MongoDB", so the message says both.
+    # hello without a word, exactly as a PostgreSQL server does; asked again in
+    # TLS (no credentials on that connection), it answers: TLS is required.
     engine = engines["mongodb"]
     result = await probe_one(engine, engine.tls_port, None)
-    assert code(result) == ErrorCode.PROTOCOL_MISMATCH.value, result
-    assert "requires TLS" in result["error_msg"]
+    assert code(result) == ErrorCode.SSL_REQUIRED_BY_SERVER.value, result

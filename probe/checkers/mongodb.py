@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import re
+import ssl
 import struct
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -223,10 +224,11 @@ class MongoDBChecker(Checker):
                 tls=tls_facts(_ssl_object(trace.tls_peers, answered_by.address)),
                 replica_set=_replica_set(client),
             )
-        except ProbeFailure:
-            raise
-        except PyMongoError as exc:
-            raise classify(exc, target, trace, client) from None
+        except (ProbeFailure, PyMongoError) as exc:
+            failure = exc if isinstance(exc, ProbeFailure) else classify(exc, target, trace, client)
+            if failure.cause == _HUNG_UP and target.tls is None:
+                failure = await _hung_up_on(seeds[0], failure, trace)
+            raise failure from None
         finally:
             if client is not None:
                 await _close(client)
@@ -299,6 +301,42 @@ class MongoDBChecker(Checker):
                 )
             raise failure
         return allowed
+
+
+_HUNG_UP = ("the server closed the connection without answering the MongoDB hello: it is not "
+            "MongoDB, or it requires TLS (then set ssl_link to true)")
+_HUNG_UP_NOT_TLS = ("the server closed the connection without answering the MongoDB hello, "
+                    "and it does not speak TLS either")
+
+
+async def _hung_up_on(host: HostPort, failure: ProbeFailure, trace: Trace) -> ProbeFailure:
+    """What a server that hung up on a plaintext hello is: asked once in TLS.
+
+    An OpenSSL server (mongod with requireTLS, DDS with SSL on) drops a
+    plaintext client without a word, exactly as a PostgreSQL server drops a
+    MongoDB hello: a TLS answer to a ClientHello tells them apart. Nothing of
+    the user's is sent on that connection.
+    """
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    speaks_tls: bool | None = None
+    with anyio.move_on_after(max(0.0, min(1.0, trace.remaining()))):
+        try:
+            _, writer = await asyncio.open_connection(host.host, host.port, ssl=context)
+            writer.transport.abort()
+            speaks_tls = True
+        except ssl.SSLError as exc:  # an alert is TLS too; a hang-up or plaintext is not
+            speaks_tls = not isinstance(exc, ssl.SSLEOFError) and \
+                exc.reason != "WRONG_VERSION_NUMBER"
+        except Exception:  # refused now, reset, the policy: no answer either way
+            speaks_tls = False
+    if speaks_tls:
+        return ProbeFailure(ErrorCode.SSL_REQUIRED_BY_SERVER, target=failure.target)
+    if speaks_tls is False:
+        return ProbeFailure(ErrorCode.PROTOCOL_MISMATCH, target=failure.target,
+                            cause=_HUNG_UP_NOT_TLS)
+    return failure  # no time left to ask: both stay possible
 
 
 class _AnsweredBy(CommandListener):
@@ -422,11 +460,9 @@ def _member_failure(
         )
     if single and trace.closed_unanswered:
         # mongod always answers a hello; a server that hangs up on it is
-        # something else (PostgreSQL does exactly this), or demands TLS.
-        return ProbeFailure(ErrorCode.PROTOCOL_MISMATCH, target=where,
-                            cause="the server closed the connection without answering the "
-                                  "MongoDB hello: it is not MongoDB, or it requires TLS "
-                                  "(then set ssl_link to true)")
+        # something else (PostgreSQL does exactly this), or demands TLS: the
+        # checker asks it in TLS to tell which (`_hung_up_on`).
+        return ProbeFailure(ErrorCode.PROTOCOL_MISMATCH, target=where, cause=_HUNG_UP)
     if found is not None or isinstance(error, AutoReconnect):
         return ProbeFailure(ErrorCode.CONNECTION_RESET, target=where,
                             cause="connection closed by the server")
