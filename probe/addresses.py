@@ -15,7 +15,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import anyio
@@ -43,6 +43,11 @@ class HostPort:
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if self.is_ipv6 else f"{self.host}:{self.port}"
+
+
+def hosts_label(hosts: Sequence[HostPort]) -> str:
+    """The hosts as the user wrote them, for messages: ``10.0.0.1:3306`` or ``a:1,b:2``."""
+    return ",".join(str(h) for h in hosts)
 
 
 def _valid_host(host: str) -> str:

@@ -35,7 +35,7 @@ from typing import Any
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from probe.addresses import NetworkPolicy
+from probe.addresses import NetworkPolicy, hosts_label
 from probe.checkers import CHECKERS, Checker, Facts, Target, Trace
 from probe.checkers.base import tracing
 from probe.errors import ErrorCode, Language, ProbeFailure, RequestInvalid, language
@@ -131,13 +131,7 @@ class Outcome:
         if self.failure is None:
             resp = CheckJobResp(id=endpoint.id, status="success", success=True)
         else:
-            resp = CheckJobResp(
-                id=endpoint.id,
-                status="failed",
-                success=False,
-                error_code=self.failure.code.value,
-                error_msg=self.failure.message(lang),
-            )
+            resp = failed_result(endpoint.id, self.failure, lang, None)
         if detail:
             facts = self.facts or Facts()
             resp.end_point_type = endpoint.end_point_type
@@ -514,7 +508,7 @@ def _where(exc: BaseException) -> str:
 
 
 def _label(endpoint: Endpoint) -> str:
-    return ",".join(str(h) for h in endpoint.hosts())
+    return hosts_label(endpoint.hosts())
 
 
 def _with_target(exc: ProbeFailure, target: str) -> ProbeFailure:

@@ -74,24 +74,29 @@ def _certificates(data: bytes, name: str, password: str | None) -> list[x509.Cer
         return certs
     if lowered.endswith((".p12", ".pfx")) or password:
         try:
-            _, cert, extra = pkcs12.load_key_and_certificates(
-                data, password.encode("utf-8") if password else None
-            )
+            return _pkcs12_certificates(data, password)
         except ValueError:
             raise _invalid("not a PKCS#12 file, or the ssl_cert_password is wrong") from None
-        found = ([cert] if cert is not None else []) + list(extra)
-        if not found:
-            raise _invalid("the PKCS#12 file holds no certificate")
-        return found
     try:
         return [x509.load_der_x509_certificate(data)]
     except ValueError:
         pass
     try:  # a .p12 without the telling extension and without a password
-        _, cert, extra = pkcs12.load_key_and_certificates(data, None)
-        return ([cert] if cert is not None else []) + list(extra)
+        return _pkcs12_certificates(data, None)
     except ValueError:
         raise _invalid("not a PEM, DER or PKCS#12 certificate") from None
+
+
+def _pkcs12_certificates(data: bytes, password: str | None) -> list[x509.Certificate]:
+    """The certificates of a PKCS#12 file; ValueError when it is not one (or the password
+    is wrong), SSL_CERT_INVALID when it holds none."""
+    _, cert, extra = pkcs12.load_key_and_certificates(
+        data, password.encode("utf-8") if password else None
+    )
+    found = ([cert] if cert is not None else []) + list(extra)
+    if not found:
+        raise _invalid("the PKCS#12 file holds no certificate")
+    return found
 
 
 def build_context(ca_pem: bytes, verify_hostname: bool = False) -> ssl.SSLContext:

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import anyio
 
-from probe.addresses import HostPort, NetworkPolicy, Resolved, resolve
+from probe.addresses import HostPort, NetworkPolicy, Resolved, hosts_label, resolve
 from probe.errors import ErrorCode, ProbeFailure
 from probe.tls import PeerHandshake, observe_handshakes, recording_handshakes
 
@@ -58,7 +58,7 @@ class Target:
 
     @property
     def label(self) -> str:
-        return ",".join(str(h) for h in self.hosts)
+        return hosts_label(self.hosts)
 
     def __repr__(self) -> str:
         return f"Target({self.db_type} {self.user}@{self.label}, tls={self.tls is not None})"

@@ -46,7 +46,7 @@ from pymongo.monitoring import (
     ServerHeartbeatSucceededEvent,
 )
 
-from probe.addresses import HostPort, resolve
+from probe.addresses import HostPort, hosts_label, resolve
 from probe.checkers.base import (
     TLS_SPEAKER,
     Checker,
@@ -158,10 +158,6 @@ def _ssl_object(
     return next(iter(peers.values())) if len(peers) == 1 else None
 
 
-def _seed(host: HostPort) -> str:
-    return f"[{host.host}]:{host.port}" if host.is_ipv6 else f"{host.host}:{host.port}"
-
-
 class MongoDBChecker(Checker):
     name = "mongodb"
     default_port = 27017
@@ -171,7 +167,7 @@ class MongoDBChecker(Checker):
     async def check(self, target: Target, trace: Trace) -> Facts:
         with trace.phase("resolve"):
             seeds = await self._allowed_seeds(target)
-        trace.address = ",".join(_seed(h) for h in seeds)
+        trace.address = hosts_label(seeds)
         remaining = trace.remaining()
         single = len(seeds) == 1
         # Several hosts: PyMongo's own timeouts end before ours, so that the
@@ -189,7 +185,7 @@ class MongoDBChecker(Checker):
                         tls["tlsAllowInvalidHostnames"] = not target.tls.context.check_hostname
                     # The client loads the CA file when it is built: the file can go at once.
                     client = AsyncMongoClient(
-                        [_seed(h) for h in seeds],
+                        [str(h) for h in seeds],
                         username=target.user,
                         password=target.password,
                         authSource=target.database or "admin",
@@ -533,7 +529,7 @@ def _topology_failure(
     }
     if single and len(failures) == 1:
         return next(iter(failures.values()))
-    listed = {_seed(h) for h in target.hosts}
+    listed = {str(h) for h in target.hosts}
     advertised = sorted(set(failures) - listed)
     summary = "; ".join(f"{m}: {f.code.value}" for m, f in sorted(failures.items()))
     if advertised:

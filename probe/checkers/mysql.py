@@ -77,16 +77,18 @@ class _ProbeConnection(aiomysql.Connection):  # type: ignore[misc]
         self._probe_wants_tls = target.tls is not None
 
     def _set_keep_alive(self) -> None:
+        self._socket_still_open()
+        super()._set_keep_alive()
+
+    def _set_nodelay(self, value: bool) -> None:
+        self._socket_still_open()
+        super()._set_nodelay(value)
+
+    def _socket_still_open(self) -> None:
         # A server that resets at once can close the transport before aiomysql
         # tunes the socket; aiomysql then raises a RuntimeError. Say what it is.
         if self._writer.transport.get_extra_info("socket") is None:
             raise ConnectionResetError(errno.ECONNRESET, "connection reset by the server")
-        super()._set_keep_alive()
-
-    def _set_nodelay(self, value: bool) -> None:
-        if self._writer.transport.get_extra_info("socket") is None:
-            raise ConnectionResetError(errno.ECONNRESET, "connection reset by the server")
-        super()._set_nodelay(value)
 
     async def _get_server_information(self) -> None:
         await self._await_greeting()
