@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, NoReturn
 
 import anyio
 
-from probe.errors import ErrorCode, RequestInvalid, language
-from probe.models import BatchConnectionResponse, CheckJobResp
+from probe.addresses import hosts_label
+from probe.errors import RequestInvalid, language
+from probe.models import BatchConnectionResponse, CheckJobResp, Endpoint, decode_body, parse_job
 from probe.runner import Prober, ProbeSettings, uvloop_available
 
 
@@ -37,11 +41,35 @@ def _positive(kind: type[float] | type[int]) -> Any:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError("must be positive")
+        if not math.isfinite(value) or value <= 0:
+            raise argparse.ArgumentTypeError("must be a positive number")
         return value
 
     return parse
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError("must be a port number from 1 to 65535")
+    return int(text)
+
+
+_RUN_EPILOG = """\
+exit codes: 0 every job succeeded, 1 some failed, 2 the input or an option was unusable.
+The probe settings also come from PROBE_TIMEOUT, PROBE_CONNECT_TIMEOUT, PROBE_CONCURRENCY,
+PROBE_PER_HOST, PROBE_BATCH_TIMEOUT, PROBE_LANG and PROBE_VERIFY_HOSTNAME; flags win."""
+_SERVE_EPILOG = """\
+Every option also comes from the environment (flags win): PROBE_HOST, PROBE_PORT,
+PROBE_WORKERS, PROBE_MAX_JOBS, PROBE_MAX_BODY, PROBE_TOKENS_FILE, PROBE_INSECURE_NO_AUTH=1,
+PROBE_TASKS_FILE, PROBE_TASK_PROVIDER, PROBE_DENY_CIDR, PROBE_ALLOW_CIDR, PROBE_ALLOW_PORTS,
+and the probe settings (PROBE_TIMEOUT, PROBE_CONCURRENCY, ...)."""
+
+
+def _version() -> str:
+    try:
+        return version("probe")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 def add_probe_options(parser: argparse.ArgumentParser) -> None:
@@ -56,7 +84,8 @@ def add_probe_options(parser: argparse.ArgumentParser) -> None:
                         help="probes in flight against one host (default 16)")
     parser.add_argument("--batch-timeout", type=_positive(float), metavar="S",
                         help="deadline for the whole batch, seconds (default none)")
-    parser.add_argument("--lang", choices=("en-us", "zh-cn"), help="message language")
+    parser.add_argument("--lang", choices=("en-us", "zh-cn"),
+                        help="language of every error_msg (default en-us)")
     parser.add_argument("--verify-hostname", action="store_true", default=None,
                         help="check the server certificate's host name too")
 
@@ -77,11 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="probe", description="Test connectivity to database endpoints in batches."
     )
+    parser.add_argument("--version", action="version", version=f"probe {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    run = sub.add_parser("run", help="probe a batch-connection request (JSON file or -)")
+    run = sub.add_parser("run", help="probe a batch-connection request (JSON file or -)",
+                         description="Probe every job of a batch-connection request body and "
+                                     "print one result per job, in request order.",
+                         epilog=_RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("file", help="request body {\"jobs\": [...]}, or - for stdin")
-    run.add_argument("--format", choices=("json", "table"), default="json")
+    run.add_argument("--format", choices=("json", "table"), default="json",
+                     help="json: the contract's response body (default); table: for reading")
     run.add_argument("--detail", action="store_true", help="add timings, versions, TLS facts")
     run.add_argument("--strict", action="store_true",
                      help="reject the whole batch when any job is invalid")
@@ -89,14 +123,22 @@ def build_parser() -> argparse.ArgumentParser:
                      help="JSON task states: apply the DRS task rules before probing")
     add_probe_options(run)
 
-    demo = sub.add_parser("demo", help="start local throwaway servers and probe a mixed batch")
-    demo.add_argument("--format", choices=("json", "table"), default="table")
+    demo = sub.add_parser("demo", help="start local throwaway servers and probe a mixed batch",
+                          description="Start throwaway PostgreSQL, MariaDB, MongoDB-wire and "
+                                      "fault servers on 127.0.0.1, probe a mixed batch against "
+                                      "them and print the results.")
+    demo.add_argument("--format", choices=("json", "table"), default="table",
+                      help="table (default) or json")
     demo.add_argument("--keep", metavar="DIR", help="also write the demo batch to DIR/batch.json")
     add_probe_options(demo)
 
-    serve = sub.add_parser("serve", help="serve POST /v3/{project_id}/jobs/batch-connection")
+    serve = sub.add_parser("serve", help="serve POST /v3/{project_id}/jobs/batch-connection",
+                           description="Serve the DRS batch-connection API over HTTP, with "
+                                       "tokens, languages, task rules and Prometheus metrics.",
+                           epilog=_SERVE_EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     serve.add_argument("--host", default=None, help="listen address (default 127.0.0.1)")
-    serve.add_argument("--port", type=_positive(int), default=None, help="port (default 8080)")
+    serve.add_argument("--port", type=_port, default=None, help="port (default 8080)")
     serve.add_argument("--workers", type=_positive(int), default=None,
                        help="worker processes (default 1)")
     serve.add_argument("--max-jobs", type=_positive(int), default=None,
@@ -137,31 +179,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"probe: {exc}", file=sys.stderr)
         return 2
     except RequestInvalid as exc:
-        print(f"probe: {exc.code.value}: {exc.message()}", file=sys.stderr)
+        lang = language(getattr(args, "lang", None) or os.environ.get("PROBE_LANG"))
+        print(f"probe: {exc.code.value}: {exc.message(lang)}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (| head): nothing left to say, and nobody to say it to.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a shell reports a process ended by SIGPIPE
     except KeyboardInterrupt:
         print("probe: interrupted", file=sys.stderr)
         return 130
 
 
 def read_body(source: str) -> Any:
+    """The request body of a file or stdin (-); RequestInvalid(DRS.M00200) when it is not one."""
     try:
-        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+        data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
     except OSError as exc:
         raise InputError(f"cannot read {source}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise InputError(f"{source} is not UTF-8 text") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InputError(
-            f"{ErrorCode.MALFORMED_BODY.value}: {source} is not valid JSON "
-            f"(line {exc.lineno}, column {exc.colno}: {exc.msg})"
-        ) from None
-    except RecursionError:
-        raise InputError(
-            f"{ErrorCode.MALFORMED_BODY.value}: {source} is nested too deeply"
-        ) from None
+    return decode_body(data)
 
 
 def command_run(args: argparse.Namespace) -> int:
@@ -221,23 +257,22 @@ def print_response(response: BatchConnectionResponse, fmt: str, body: Any) -> No
     from rich.text import Text
 
     jobs = body.get("jobs") if isinstance(body, dict) else None
+    timed = any(r.elapsed_ms is not None for r in response.results)
     table = Table(show_lines=False)
-    for column in ("#", "id", "db_type", "endpoint", "status", "code", "ms", "message"):
+    for column in ("#", "id", "db_type", "endpoint", "status", "code", *(["ms"] * timed),
+                   "message"):
         table.add_column(column, overflow="fold")
     for index, result in enumerate(response.results):
-        job = jobs[index] if isinstance(jobs, list) and index < len(jobs) else {}
-        invalid = (result.error_code or "").startswith("DRS.M")
+        raw = jobs[index] if isinstance(jobs, list) and index < len(jobs) else None
         # An invalid job's fields are whatever was sent (a password in db_port...):
-        # never shown. A valid job's have been checked.
-        job = job if isinstance(job, dict) and not invalid else {}
-        endpoint = str(job.get("ip", ""))
-        if job.get("db_port"):
-            endpoint += f" :{job['db_port']}"
+        # never shown. A valid job's have been checked, its defaults applied.
+        job = parse_job(raw, index)
+        db_type, endpoint = ((job.db_type, hosts_label(job.hosts()))
+                             if isinstance(job, Endpoint) else ("", ""))
         status = Text("success", "green") if result.success else Text("failed", "red")
-        elapsed = f"{result.elapsed_ms:.0f}" if result.elapsed_ms is not None else ""
-        table.add_row(str(index), Text(result.id), Text(str(job.get("db_type", ""))),
-                      Text(endpoint), status, result.error_code or "", elapsed,
-                      Text(result.error_msg or ""))
+        elapsed = [f"{result.elapsed_ms:.0f}" if result.elapsed_ms is not None else ""] * timed
+        table.add_row(str(index), Text(result.id), Text(db_type), Text(endpoint), status,
+                      result.error_code or "", *elapsed, Text(result.error_msg or ""))
     # Piped or redirected, there is no terminal width to fit: use a readable one.
     console = Console(width=None if sys.stdout.isatty() else 200)
     console.print(table)

@@ -88,8 +88,8 @@ CATALOG: dict[ErrorCode, CatalogEntry] = {
     ),
     ErrorCode.MALFORMED_BODY: CatalogEntry(
         400,
-        "Parameter error: the request body is not valid JSON{cause}.",
-        "参数错误：请求体不是合法的 JSON{cause}。",
+        "Parameter error: the request body is malformed{cause}.",
+        "参数错误：请求体格式错误{cause}。",
     ),
     ErrorCode.PARAMETER_EMPTY: CatalogEntry(
         400, "The parameter {field} is empty.", "参数 {field} 为空。"
@@ -152,13 +152,14 @@ CATALOG: dict[ErrorCode, CatalogEntry] = {
     ),
     ErrorCode.SSL_CERT_INVALID: CatalogEntry(
         200,
-        "The SSL certificate is invalid{cause}.",
-        "SSL 证书无效{cause}。",
+        "The SSL certificate given for {target} is invalid{cause}.",
+        "为 {target} 提供的 SSL 证书无效{cause}。",
     ),
     ErrorCode.SSL_CHECKSUM_MISMATCH: CatalogEntry(
         200,
-        "The SHA-256 checksum of the SSL certificate does not match ssl_cert_check_sum.",
-        "SSL 证书的 SHA-256 校验值与 ssl_cert_check_sum 不一致。",
+        "The SHA-256 checksum of the SSL certificate given for {target} does not match "
+        "ssl_cert_check_sum.",
+        "为 {target} 提供的 SSL 证书的 SHA-256 校验值与 ssl_cert_check_sum 不一致。",
     ),
     ErrorCode.SSL_HANDSHAKE_FAILED: CatalogEntry(
         200,
@@ -216,8 +217,8 @@ CATALOG: dict[ErrorCode, CatalogEntry] = {
     ),
     ErrorCode.NO_REACHABLE_MEMBER: CatalogEntry(
         200,
-        "No member of the MongoDB host list could be reached{cause}.",
-        "无法连接 MongoDB 地址列表中的任何成员{cause}。",
+        "No member of the MongoDB host list {target} could be reached{cause}.",
+        "无法连接 MongoDB 地址列表 {target} 中的任何成员{cause}。",
     ),
     ErrorCode.TASK_STATUS_INVALID: CatalogEntry(
         200,
@@ -256,7 +257,10 @@ _ZH_CAUSES: dict[str, str] = {
     "must be 64 hexadecimal characters (SHA-256)": "必须是 64 个十六进制字符（SHA-256）",
     "not valid Unicode text": "不是合法的 Unicode 文本",
     "must be an object": "必须是对象",
-    "expected an object": "应为 JSON 对象",
+    "expected a JSON object": "应为 JSON 对象",
+    "it is not UTF-8": "不是 UTF-8 编码",
+    "nested too deeply": "嵌套层数过多",
+    "a number JSON does not allow, or too long to read": "包含 JSON 不允许的数字，或数字过长",
     "must be an array": "必须是数组",
     "input should be a valid string": "应为字符串",
     "input should be a valid integer": "应为整数",
@@ -308,6 +312,7 @@ _ZH_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"one of (.+)", r"应为以下之一：\1"),
         (r"((?:'[^']*', )*'[^']*') or ('[^']*')", r"应为以下之一：\1, \2"),  # pydantic Literal
         (r"longer than (\d+) characters", r"超过 \1 个字符"),
+        (r"not JSON at line (\d+), column (\d+)", r"不是合法的 JSON（第 \1 行第 \2 列）"),
         (r"no answer within (\S+) s", r"\1 秒内无应答"),
         (r"waited (\S+) s", r"已等待 \1 秒"),
         (r"an? (\w+) server answers on this port", r"该端口上是 \1 服务"),

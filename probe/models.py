@@ -9,6 +9,7 @@ field as ``jobs[2].db_type``; messages never echo a submitted value.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from functools import cached_property
@@ -76,6 +77,14 @@ class Endpoint(BaseModel):
     subnet_id: StrictStr | None = None
     region: StrictStr | None = None
     project_id: StrictStr | None = None
+
+    @field_validator("end_point_type", "ssl_link", mode="before")
+    @classmethod
+    def _null_is_absent(cls, v: Any, info: ValidationInfo) -> Any:
+        # Clients that write absent optional fields as null mean the default.
+        if v is None:
+            return "so" if info.field_name == "end_point_type" else False
+        return v
 
     @field_validator("id")
     @classmethod
@@ -268,6 +277,33 @@ def parse_job(raw: Any, index: int) -> Endpoint | RequestInvalid:
         return problem
 
 
+def decode_body(data: bytes) -> Any:
+    """A request body's JSON value, or RequestInvalid(DRS.M00200) saying why there is none.
+
+    UTF-8 (a byte-order mark is fine), strict JSON (no NaN or Infinity), not
+    nested past the parser's depth, numbers Python will read: the CLI and the
+    HTTP service take bodies through this one door.
+    """
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise RequestInvalid(ErrorCode.MALFORMED_BODY, cause="it is not UTF-8") from None
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise RequestInvalid(ErrorCode.MALFORMED_BODY,
+                             cause=f"not JSON at line {exc.lineno}, column {exc.colno}") from None
+    except RecursionError:
+        raise RequestInvalid(ErrorCode.MALFORMED_BODY, cause="nested too deeply") from None
+    except ValueError:  # NaN or Infinity; an integer of more digits than Python converts
+        raise RequestInvalid(ErrorCode.MALFORMED_BODY,
+                             cause="a number JSON does not allow, or too long to read") from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def parse_jobs(body: Any, *, strict: bool = False) -> list[Endpoint | RequestInvalid]:
     """The jobs of a request body, each validated.
 
@@ -277,7 +313,7 @@ def parse_jobs(body: Any, *, strict: bool = False) -> list[Endpoint | RequestInv
     if isinstance(body, BatchConnectionRequest):
         return list(body.jobs)
     if not isinstance(body, dict):
-        raise RequestInvalid(ErrorCode.MALFORMED_BODY, cause="expected an object")
+        raise RequestInvalid(ErrorCode.MALFORMED_BODY, cause="expected a JSON object")
     jobs = body.get("jobs")
     if jobs is None or jobs == []:
         raise RequestInvalid(ErrorCode.PARAMETER_EMPTY, field="jobs")

@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import re
+import socket
 import sys
 import traceback
 from collections.abc import Mapping, Sequence
@@ -60,6 +61,7 @@ from probe.models import (
     BatchConnectionResponse,
     CheckJobResp,
     Endpoint,
+    decode_body,
     parse_jobs,
 )
 from probe.runner import Outcome, Prober, ProbeSettings
@@ -93,9 +95,6 @@ _TEXTS: dict[str, tuple[str, str]] = {
     "detail": ("must be true or false", "必须为 true 或 false"),
     "body_too_large": ("larger than {limit} bytes", "超过 {limit} 字节"),
     "too_many_jobs": ("more than {limit} jobs", "任务数超过 {limit} 个"),
-    "not_utf8": ("it is not UTF-8", "不是 UTF-8 编码"),
-    "json_at": ("line {line}, column {column}", "第 {line} 行第 {column} 列"),
-    "too_deep": ("nested too deeply", "嵌套层数过多"),
 }
 
 
@@ -380,21 +379,7 @@ class BatchService:
 
     def _decode(self, body: bytes, lang: Language) -> list[Endpoint]:
         """Every job of a request body, validated all-or-nothing."""
-        try:
-            text = body.decode("utf-8-sig")
-        except UnicodeDecodeError:
-            raise RequestInvalid(ErrorCode.MALFORMED_BODY, cause=_text("not_utf8", lang)) from None
-        try:
-            data = json.loads(text, parse_constant=_reject_constant)
-        except json.JSONDecodeError as exc:
-            raise RequestInvalid(
-                ErrorCode.MALFORMED_BODY,
-                cause=_text("json_at", lang, line=exc.lineno, column=exc.colno),
-            ) from None
-        except ValueError:  # NaN, Infinity
-            raise RequestInvalid(ErrorCode.MALFORMED_BODY) from None
-        except RecursionError:
-            raise RequestInvalid(ErrorCode.MALFORMED_BODY, cause=_text("too_deep", lang)) from None
+        data = decode_body(body)
         jobs = data.get("jobs") if isinstance(data, dict) else None
         if isinstance(jobs, list) and len(jobs) > self.config.max_jobs:
             raise RequestInvalid(ErrorCode.PARAMETER_INVALID, field="jobs",
@@ -471,6 +456,8 @@ def create_app(config: ServiceConfig) -> Starlette:
         ],
         exception_handlers={HTTPException: service.http_exception, Exception: service.unhandled},
     )
+    # A path with a trailing slash is another path: 404 with a body, not a bare 307.
+    app.router.redirect_slashes = False
     app.state.service = service
     return app
 
@@ -486,13 +473,9 @@ def _flag(value: str | None, lang: Language) -> bool:
     v = value.strip().lower()
     if v in ("true", "1"):
         return True
-    if v in ("false", "0", ""):
+    if v in ("false", "0"):
         return False
     raise RequestInvalid(ErrorCode.PARAMETER_INVALID, field="detail", cause=_text("detail", lang))
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
 
 
 # ---------------------------------------------------------------- OpenAPI
@@ -811,9 +794,12 @@ def options_from(
         "language": language(args.lang) if args.lang else None,
         "verify_hostname": args.verify_hostname,
     }
+    port = pick(args.port, _env_int(env, "PROBE_PORT"), DEFAULT_PORT)
+    if port > 65535:
+        raise ConfigError("PROBE_PORT must be a port number from 1 to 65535")
     return ServeOptions(
         host=pick(args.host, env.get("PROBE_HOST", "").strip(), DEFAULT_HOST),
-        port=pick(args.port, _env_int(env, "PROBE_PORT"), DEFAULT_PORT),
+        port=port,
         workers=pick(args.workers, _env_int(env, "PROBE_WORKERS"), 1),
         max_jobs=pick(args.max_jobs, _env_int(env, "PROBE_MAX_JOBS"), DEFAULT_MAX_JOBS),
         max_body=pick(args.max_body, _env_int(env, "PROBE_MAX_BODY"), DEFAULT_MAX_BODY),
@@ -890,8 +876,15 @@ def command_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"probe: {exc}", file=sys.stderr)
         return 2
-    if config.tokens is None and not _is_loopback(options.host):
-        print(f"probe: warning: serving {options.host} without authentication", file=sys.stderr)
+    if config.tokens is None:
+        reach = "this machine" if _is_loopback(options.host) else "the network"
+        print(f"probe: warning: no authentication (--insecure-no-auth): anyone on {reach} "
+              f"who can reach {options.host}:{options.port} may use it", file=sys.stderr)
+    problem = _cannot_listen(options.host, options.port)
+    if problem is not None:
+        print(f"probe: cannot listen on {options.host}:{options.port}: {problem}",
+              file=sys.stderr)
+        return 2
     common: dict[str, Any] = {
         "host": options.host,
         "port": options.port,
@@ -910,6 +903,21 @@ def command_serve(args: argparse.Namespace) -> int:
     except SystemExit as exc:  # uvicorn exits 3 when it cannot bind
         return exc.code if isinstance(exc.code, int) else 1
     return 0
+
+
+def _cannot_listen(host: str, port: int) -> str | None:
+    """Why uvicorn would fail to bind host:port (checked first, for a one-line answer)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as listener:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            listener.bind(address)
+    except socket.gaierror as exc:
+        return f"the host does not resolve ({exc.strerror})"
+    except OSError as exc:
+        return (exc.strerror or str(exc)).lower()
+    return None
 
 
 def _is_loopback(host: str) -> bool:

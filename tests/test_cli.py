@@ -91,19 +91,65 @@ def test_exit_codes_and_formats(tmp_path: Path, faults: Faults, pg: PostgresServ
 
 
 def test_bad_input_is_one_line_never_a_traceback(tmp_path: Path) -> None:
+    one = json.dumps({"jobs": [job("mysql", 1, "u", "p")]})
     cases = [
-        (["/no/such/file.json"], None),
-        (["-"], "{not json"),
-        (["-"], "[]"),
-        (["-"], '{"jobs": []}'),
-        (["-", "--timeout", "-1"], '{"jobs": []}'),
-        (["-", "--concurrency", "many"], '{"jobs": []}'),
+        (["/no/such/file.json"], None, "cannot read"),
+        (["-"], "{not json", "DRS.M00200"),
+        (["-"], "[]", "DRS.M00200"),
+        (["-"], "[1, 2]", "expected a JSON object"),
+        (["-"], '{"jobs": []}', "DRS.M00201"),
+        (["-"], '{"jobs": [{"id": "x", "db_port": ' + "9" * 5000 + "}]}", "DRS.M00200"),
+        (["-"], '{"jobs": [{"id": "x", "db_port": NaN}]}', "DRS.M00200"),
+        (["-"], b"\xff\xfe not UTF-8", "DRS.M00200"),
+        (["-", "--timeout", "-1"], one, "positive"),
+        (["-", "--timeout", "nan"], one, "positive"),
+        (["-", "--batch-timeout", "inf"], one, "positive"),
+        (["-", "--timeout", "1e308"], one, "a day"),
+        (["-", "--concurrency", "many"], one, "not a number"),
     ]
-    for args, stdin in cases:
-        done = run(args, stdin)
-        assert done.returncode == 2, (args, done.stderr)
-        assert "Traceback" not in done.stderr
-        assert len(done.stderr.strip().splitlines()) <= 2, done.stderr
+    for args, stdin, says in cases:
+        done = subprocess.run([*PROBE, *args], input=stdin if isinstance(stdin, bytes) else
+                              (stdin or "").encode(), capture_output=True, timeout=60)
+        stderr = done.stderr.decode()
+        assert done.returncode == 2, (args, stderr)
+        assert "Traceback" not in stderr and says in stderr, (args, stderr)
+        assert len(stderr.strip().splitlines()) <= 2, stderr
+
+
+def test_a_byte_order_mark_is_fine(tmp_path: Path, faults: Faults) -> None:
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"jobs": [job("mysql", faults.refused.port,
+                                                                 "u", "p")]}).encode())
+    done = run([str(path)])
+    assert done.returncode == 1 and json.loads(done.stdout)["count"] == 1, done.stderr
+
+
+def test_strict_speaks_the_requested_language() -> None:
+    body = json.dumps({"jobs": [{**job("mysql", 1, "u", "p"), "db_type": "db2"}]})
+    done = run(["-", "--strict", "--lang", "zh-cn"], stdin=body)
+    assert done.returncode == 2 and "参数" in done.stderr, done.stderr
+
+
+def test_a_reader_that_leaves_early_is_no_error(tmp_path: Path, faults: Faults) -> None:
+    jobs = [job("mysql", faults.refused.port, f"u{i}", "p", id=f"j{i}") for i in range(300)]
+    pipeline = subprocess.run(
+        f"{' '.join(PROBE)} {write(tmp_path, {'jobs': jobs})} | head -c 10",
+        shell=True, capture_output=True, text=True, timeout=60)
+    assert len(pipeline.stdout) == 10
+    assert "Traceback" not in pipeline.stderr and "BrokenPipe" not in pipeline.stderr
+
+
+def test_table_shows_each_endpoint_with_its_port(tmp_path: Path, faults: Faults) -> None:
+    jobs = [{**job("mysql", faults.refused.port, "u", "p", id="given")},
+            {**job("postgresql", 5432, "u", "p", id="default"), "ip": "::1"},
+            {"id": "invalid", "db_type": "db2", "ip": "Canary-Pw-7731"}]
+    jobs[1].pop("db_port")
+    done = run([write(tmp_path, {"jobs": jobs}), "--format", "table", "--timeout", "2"])
+    out = done.stdout
+    assert f"127.0.0.1:{faults.refused.port}" in out and "[::1]:5432" in out, out
+    assert "Canary-Pw-7731" not in out  # an invalid job's fields are never shown
+    header = next(line for line in out.splitlines() if "db_type" in line)
+    assert " ms " not in header and " code " in header  # no timings without --detail
 
 
 def test_tasks_file_applies_the_task_rules_before_any_traffic(

@@ -207,6 +207,9 @@ def test_unknown_api_and_method_are_json(client: httpx.Client, lang: str) -> Non
     resp = client.get(PATH, headers={"X-Language": lang})
     assert resp.status_code == 405 and resp.headers["allow"] == "POST"
     assert resp.json()["error_code"] == "APIGW.0101"
+    # a trailing slash is another path, not a redirect without a body
+    resp = client.post(PATH + "/", json={"jobs": []}, headers={"X-Language": lang})
+    assert resp.status_code == 404 and resp.json()["error_code"] == "APIGW.0101"
 
 
 # ---------------------------------------------------------------- authentication
@@ -404,6 +407,8 @@ def test_detail_true_adds_timings(client: httpx.Client, pg: PostgresServer) -> N
     assert set(plain) == {"id", "status", "success"}
     resp = post(client, {"jobs": [pg_job(pg)]}, params={"detail": "maybe"}, lang="zh-cn")
     assert "detail" in assert_error(resp, 400, ErrorCode.PARAMETER_INVALID, "zh-cn")
+    resp = post(client, {"jobs": [pg_job(pg)]}, params={"detail": ""})
+    assert "detail" in assert_error(resp, 400, ErrorCode.PARAMETER_INVALID, "en-us")
 
 
 def test_the_seed_examples_against_local_servers(
@@ -961,6 +966,7 @@ def test_probe_serve_insecure_single_worker(processes: list[subprocess.Popen[str
         assert "server" not in resp.headers
     code, err = stop(proc)
     assert code == 0, err
+    assert "warning: no authentication" in err
 
 
 def test_probe_serve_tokens_and_workers_from_the_environment(
@@ -977,6 +983,23 @@ def test_probe_serve_tokens_and_workers_from_the_environment(
     code, err = stop(proc)
     assert code == 0, err
     assert TOKEN_ONE not in err and TOKEN_ALL not in err
+
+
+def test_probe_serve_cannot_listen_is_one_line() -> None:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PROBE_")}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for argv, says in ((["--port", port], "address already in use"),
+                           (["--port", "70000"], "from 1 to 65535")):
+            done = subprocess.run([sys.executable, "-m", "probe.cli", "serve",
+                                   "--insecure-no-auth", *argv], env=base,
+                                  capture_output=True, text=True, timeout=30)
+            assert done.returncode == 2, done.stderr
+            lines = done.stderr.strip().splitlines()
+            assert says in lines[-1] and "Traceback" not in done.stderr, done.stderr
+            assert len(lines) <= 2  # the no-authentication warning, then why it stopped
 
 
 def test_probe_serve_without_tokens_exits_2_in_one_line() -> None:

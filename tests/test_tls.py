@@ -181,6 +181,7 @@ async def test_failures_have_exact_codes(
         result = await probe_one(engine, port, tls)
         assert code(result) == expected.value, (name, result)
         assert good["ssl_cert_key"][:40] not in result["error_msg"]
+        assert "127.0.0.1:" in result["error_msg"], (name, result)  # names the endpoint
 
 
 @pytest.mark.anyio
