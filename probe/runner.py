@@ -55,6 +55,8 @@ log = logging.getLogger("probe")
 # and the most one probe holds at once (aiomysql's TLS upgrade dups its socket).
 _FD_RESERVE = 64
 _FDS_PER_PROBE = 2
+# No probe needs longer; past it, drivers' millisecond timeouts overflow.
+_LONGEST_TIMEOUT = 86_400.0
 
 
 def fd_capacity() -> int:
@@ -81,8 +83,13 @@ class ProbeSettings:
     policy: NetworkPolicy = field(default_factory=NetworkPolicy)
 
     def __post_init__(self) -> None:
-        if self.deadline <= 0 or self.connect_timeout <= 0:
-            raise ValueError("timeouts must be positive")
+        for name, where in (("deadline", "--timeout, PROBE_TIMEOUT"),
+                            ("connect_timeout", "--connect-timeout, PROBE_CONNECT_TIMEOUT"),
+                            ("batch_deadline", "--batch-timeout, PROBE_BATCH_TIMEOUT")):
+            value = getattr(self, name)
+            if value is not None and not 0 < value <= _LONGEST_TIMEOUT:  # NaN fails too
+                raise ValueError(f"{name} ({where}) must be more than 0 and at most "
+                                 f"{_LONGEST_TIMEOUT:g} seconds (a day)")
         if self.concurrency < 1 or self.per_host < 1:
             raise ValueError("concurrency and per_host must be at least 1")
 
@@ -365,10 +372,7 @@ class Prober:
                     tg.start_soon(worker)
         # The batch deadline passed before these could start.
         for indices in pending:
-            endpoint = jobs[indices[0]]
-            assert isinstance(endpoint, Endpoint)
-            failure = Trace(batch_deadline, 0).timeout_failure(_label(endpoint))
-            outcome = Outcome(None, failure, 0.0, {})
+            outcome = _never_started(_endpoint(jobs, indices[0]))
             for index in indices:
                 emit(index, outcome.result(_endpoint(jobs, index), lang, detail))
 
@@ -399,8 +403,11 @@ class Prober:
         try:
             limiter = await self._host_acquire(host, token)
             try:
-                deadline = min(self._now() + self.settings.deadline, batch_deadline)
-                outcome = await self._probe_endpoint(endpoint, deadline, materials)
+                if self._now() >= batch_deadline:  # it passed while this waited for the host
+                    outcome = _never_started(endpoint)
+                else:
+                    deadline = min(self._now() + self.settings.deadline, batch_deadline)
+                    outcome = await self._probe_endpoint(endpoint, deadline, materials)
             finally:
                 self._host_release(host, limiter, token)
         finally:
@@ -499,6 +506,14 @@ def _ipv4_mapped(host: str) -> str:
     address = ipaddress.ip_address(host.split("%")[0])
     mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
     return str(mapped) if mapped is not None else host
+
+
+def _never_started(endpoint: Endpoint) -> Outcome:
+    """The answer for an endpoint the batch deadline left no time to probe: a limit
+    of the prober's, not a fault of the target (nothing was sent to it)."""
+    failure = ProbeFailure(ErrorCode.INTERNAL, target=_label(endpoint), local=True,
+                           cause="the batch deadline passed before the probe started")
+    return Outcome(None, failure, 0.0, {})
 
 
 def _where(exc: BaseException) -> str:

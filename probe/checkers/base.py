@@ -163,8 +163,6 @@ class Trace:
         return Facts(address=address, tls=tls) if tls or address else None
 
     def _waited(self) -> str:
-        if self.stage == "queued":
-            return "the batch deadline passed before the probe started"
         return f"waited {sum(self.phases.values()) / 1000:.1f} s" if self.phases else ""
 
 
