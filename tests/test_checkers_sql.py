@@ -106,6 +106,21 @@ async def test_mysql_too_many_connections() -> None:
                 conn.close()
 
 
+async def test_an_unknown_role_under_trust_is_a_wrong_user_name() -> None:
+    # With a password method PostgreSQL hides an unknown role (28P01, like a wrong
+    # password); under trust it names it, with the SQLSTATE of a pg_hba rejection.
+    with PostgresServer(users=[p.SCRAM_USER]) as server:
+        hba = server.hba_path.read_text()
+        server.run_as.write_file(server.hba_path, "host all all 127.0.0.1/32 trust\n" + hba)
+        server.reload()
+        unknown = await probe_one(job("postgresql", server.port, "nobody_here", "x"))
+        assert_code(unknown, ErrorCode.AUTH_FAILED)
+        assert "does not exist" in unknown["error_msg"]
+        known = await probe_one(job("postgresql", server.port, p.SCRAM_USER.name, "any",
+                                    db_name="appdb"))
+        assert_code(known, None)  # trust: the rule really applies
+
+
 async def test_a_frozen_postgresql_is_a_handshake_timeout() -> None:
     user = p.SCRAM_USER
     with PostgresServer(users=[user]) as server, server.frozen():

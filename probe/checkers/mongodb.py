@@ -531,7 +531,8 @@ def _topology_failure(
         return next(iter(failures.values()))
     listed = {str(h) for h in target.hosts}
     advertised = sorted(set(failures) - listed)
-    summary = "; ".join(f"{m}: {f.code.value}" for m, f in sorted(failures.items()))
+    summary = "; ".join(f"{m}: {f.code.name.lower().replace('_', ' ')} ({f.code.value})"
+                        for m, f in sorted(failures.items()))
     if advertised:
         summary = (f"the listed hosts answered, then advertised members that cannot be "
                    f"reached from here: {summary}")

@@ -7,6 +7,7 @@ SQLSTATE the server sent, then from the OS/TLS evidence on the exception chain.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import anyio
@@ -90,6 +91,9 @@ async def _close(conn: asyncpg.Connection) -> None:
         conn.terminate()
 
 
+_NO_SUCH_ROLE = re.compile(r'role ".*" does not exist')
+
+
 def first_answer_problem(data: bytes) -> str | None:
     """Why `data` cannot be a PostgreSQL server's first answer, or None.
 
@@ -115,6 +119,11 @@ def classify(exc: BaseException, target: Target, address: Resolved, trace: Trace
         message = scrub(str(exc), target.password)
         if state == "28000" and "no encryption" in message and target.tls is None:
             return ProbeFailure(ErrorCode.SSL_REQUIRED_BY_SERVER, target=where)
+        if state == "28000" and _NO_SUCH_ROLE.search(message):
+            # 28000 is also a pg_hba rejection; only without a password (trust,
+            # peer, cert) does the server name an unknown role, and only its
+            # text tells (a server with translated messages stays ACCESS_DENIED)
+            return ProbeFailure(ErrorCode.AUTH_FAILED, target=where, cause=_short(message))
         if code is ErrorCode.DATABASE_NOT_FOUND:
             return ProbeFailure(code, target=where, cause=f"db_name {target.database!r}")
         return ProbeFailure(code, target=where, cause=_short(message))
