@@ -10,7 +10,9 @@ How a batch runs:
 4. Groups are dispatched round-robin across hosts by at most `concurrency`
    workers, each taking a slot of the global limiter before it takes a group,
    so a 100,000-job batch never holds more than `concurrency` tasks; then a
-   per-host slot is taken, and only then does the endpoint's deadline start.
+   per-host slot is taken, then the file descriptors its checker may hold (a
+   MongoDB host list holds one per member), and only then does the endpoint's
+   deadline start.
 5. Each probe runs under its own deadline (and the batch deadline, if any);
    when it fires, the code says which phase it cut.
 """
@@ -59,12 +61,57 @@ _FDS_PER_PROBE = 2
 _LONGEST_TIMEOUT = 86_400.0
 
 
-def fd_capacity() -> int:
-    """How many probes the file-descriptor limit leaves room for."""
+def fd_budget() -> int:
+    """File descriptors the probes in flight may hold between them."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
-        return 1 << 20
-    return max(1, (soft - _FD_RESERVE) // _FDS_PER_PROBE)
+        return 1 << 21
+    return max(_FDS_PER_PROBE, soft - _FD_RESERVE)
+
+
+def fd_capacity() -> int:
+    """How many probes the file-descriptor limit leaves room for."""
+    return fd_budget() // _FDS_PER_PROBE
+
+
+class _FdBudget:
+    """A weighted semaphore of file descriptors, first come first served: a probe
+    takes its checker's estimate before it starts and gives it back when done,
+    so a batch of MongoDB host lists cannot run the process out of them."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.free = total
+        self._waiters: deque[tuple[int, anyio.Event]] = deque()
+
+    async def acquire(self, wanted: int) -> int:
+        """Take `wanted` (at most the total); returns what to give back."""
+        wanted = min(wanted, self.total)
+        if not self._waiters and self.free >= wanted:
+            self.free -= wanted  # no checkpoint when there is room
+            return wanted
+        entry = (wanted, anyio.Event())
+        self._waiters.append(entry)
+        try:
+            await entry[1].wait()
+        except BaseException:
+            if entry[1].is_set():  # granted as it was cancelled
+                self.release(wanted)
+            else:
+                self._waiters.remove(entry)
+                self._wake()  # it may have been the head that others waited behind
+            raise
+        return wanted
+
+    def release(self, taken: int) -> None:
+        self.free += taken
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self._waiters[0][0] <= self.free:
+            wanted, event = self._waiters.popleft()
+            self.free -= wanted
+            event.set()
 
 
 @dataclass(frozen=True)
@@ -234,6 +281,7 @@ class Prober:
         self.materials = MaterialCache()
         self.probes_started = 0
         self._limiter = anyio.CapacityLimiter(self.settings.effective_concurrency)
+        self._fds = _FdBudget(fd_budget())
         self._hosts: dict[str, tuple[anyio.CapacityLimiter, int]] = {}
 
     # ------------------------------------------------------------ public API
@@ -403,11 +451,16 @@ class Prober:
         try:
             limiter = await self._host_acquire(host, token)
             try:
-                if self._now() >= batch_deadline:  # it passed while this waited for the host
-                    outcome = _never_started(endpoint)
-                else:
-                    deadline = min(self._now() + self.settings.deadline, batch_deadline)
-                    outcome = await self._probe_endpoint(endpoint, deadline, materials)
+                fds = await self._fds.acquire(
+                    self.checkers[endpoint.db_type].fds(len(endpoint.hosts())))
+                try:
+                    if self._now() >= batch_deadline:  # it passed while this waited
+                        outcome = _never_started(endpoint)
+                    else:
+                        deadline = min(self._now() + self.settings.deadline, batch_deadline)
+                        outcome = await self._probe_endpoint(endpoint, deadline, materials)
+                finally:
+                    self._fds.release(fds)
             finally:
                 self._host_release(host, limiter, token)
         finally:

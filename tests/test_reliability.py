@@ -39,7 +39,7 @@ from probe.testing import postgres as p
 from probe.testing.certs import TestPKI
 from probe.testing.faults import Blackhole, FaultServer, mysql_greeting, mysql_ok
 from probe.testing.mariadb import MariaDBServer, native_password_hash
-from probe.testing.mongo_wire import MongoWireServer
+from probe.testing.mongo_wire import MongoReplicaSet, MongoWireServer
 from probe.testing.postgres import PostgresServer
 from tests.conftest import MARIA_USER, MONGO_USER, MONGO_USERS, PG_USER, Faults, job, settle
 from tests.guard import Network, loopback_only
@@ -779,6 +779,28 @@ def test_ten_thousand_endpoints_under_ulimit_1024() -> None:
     assert result["fd_peak"] < 1024
     assert time.monotonic() - started < 60
     assert fd_capacity() >= 1  # and here, in the test process, unchanged
+
+
+def test_mongodb_host_lists_fit_a_small_descriptor_limit() -> None:
+    # A probe of a 3-member host list holds 4 descriptors at its peak (a monitor
+    # per member and the command's connection), not the 2 of a SQL probe. Under
+    # ulimit -n 256 (96 probes at once by the 2-per-probe count), 200 of them got
+    # 114 C10099 "out of a local resource" until each probe took its checker's
+    # count from one descriptor budget.
+    user = MONGO_USERS[0]
+    with MongoReplicaSet(3, users=[user]).run_in_thread() as rs:
+        # authSource d<i>, where the user does not exist: distinct probes, each
+        # holding its connections through a whole SCRAM exchange
+        jobs = [job("mongodb", rs.seed_list, user.name, user.password, id=f"j{i}",
+                    db_name=f"d{i}") for i in range(150)]
+        done = subprocess.run(
+            [sys.executable, "-m", "probe.cli", "run", "-", "--per-host", "1000"],
+            input=json.dumps({"jobs": jobs}), capture_output=True, text=True, timeout=120,
+            cwd=ROOT, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256)))
+    results = json.loads(done.stdout)["results"]
+    assert [r["id"] for r in results] == [j["id"] for j in jobs]
+    codes = Counter(r.get("error_code") for r in results)
+    assert codes == {C.AUTH_FAILED.value: 150}, (codes, done.stderr[-1000:])
 
 
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])

@@ -14,7 +14,7 @@ from probe import Prober, ProbeSettings, run_batch
 from probe.checkers import CHECKERS, Facts, Target, Trace
 from probe.checkers.base import Checker
 from probe.errors import ErrorCode
-from probe.runner import fd_capacity
+from probe.runner import _FdBudget, fd_capacity
 from probe.testing import mariadb as m
 from probe.testing import postgres as p
 from probe.testing.mariadb import MariaDBServer
@@ -215,6 +215,33 @@ async def test_no_session_is_left_on_the_servers(pg: PostgresServer, maria: Mari
 def test_concurrency_never_exceeds_the_fd_limit() -> None:
     assert ProbeSettings(concurrency=10**7).effective_concurrency == fd_capacity()
     assert ProbeSettings(concurrency=3).effective_concurrency == 3
+
+
+async def test_the_descriptor_budget_is_first_come_first_served() -> None:
+    budget = _FdBudget(10)
+    assert await budget.acquire(8) == 8
+    granted: list[str] = []
+
+    async def take(wanted: int, name: str, scope: anyio.CancelScope | None = None) -> None:
+        with scope or anyio.CancelScope():
+            await budget.acquire(wanted)
+            granted.append(name)
+
+    async with anyio.create_task_group() as tg:
+        big = anyio.CancelScope()
+        tg.start_soon(take, 5, "big", big)  # 2 free: waits
+        await anyio.wait_all_tasks_blocked()
+        tg.start_soon(take, 1, "small")  # fits, but waits behind "big"
+        await anyio.wait_all_tasks_blocked()
+        assert granted == [] and budget.free == 2
+        big.cancel()  # the head leaves: the one behind it goes
+        await anyio.wait_all_tasks_blocked()
+        assert granted == ["small"] and budget.free == 1
+        tg.start_soon(take, 50, "all")  # more than there is: waits for all of it
+        await anyio.wait_all_tasks_blocked()
+        budget.release(8)
+        budget.release(1)
+    assert granted == ["small", "all"] and budget.free == 0
 
 
 def test_settings_from_environment() -> None:

@@ -466,6 +466,11 @@ class Checker(abc.ABC):
     default_database: ClassVar[str | None] = None
     host_list: ClassVar[bool] = False  # the ip field is a host list (MongoDB)
 
+    def fds(self, hosts: int) -> int:
+        """File descriptors one probe of `hosts` listed hosts may hold at once: its
+        socket and the duplicate aiomysql's TLS upgrade makes."""
+        return 2
+
     @abc.abstractmethod
     async def check(self, target: Target, trace: Trace) -> Facts:
         """Probe `target` within `trace`'s deadline."""

@@ -164,6 +164,12 @@ class MongoDBChecker(Checker):
     default_database = "admin"
     host_list = True
 
+    def fds(self, hosts: int) -> int:
+        # A monitor connection per listed host, the connection that runs the
+        # command, and one member the seeds may advertise (measured: N seeds of
+        # a set, N + 1 connections at peak).
+        return hosts + 2
+
     async def check(self, target: Target, trace: Trace) -> Facts:
         with trace.phase("resolve"):
             seeds = await self._allowed_seeds(target)
