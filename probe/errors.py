@@ -301,6 +301,9 @@ _ZH_CAUSES: dict[str, str] = {
     "MongoDB, or it requires TLS (then set ssl_link to true)":
         "服务器未应答 MongoDB hello 就关闭了连接：它不是 MongoDB，或者要求 TLS"
         "（此时请将 ssl_link 设为 true）",
+    "the server completed the TLS handshake, then closed the connection without answering "
+    "the MongoDB hello: it is not MongoDB":
+        "服务器完成了 TLS 握手，随后未应答 MongoDB hello 就关闭了连接：它不是 MongoDB",
     "the server closed the connection without answering the MongoDB hello, and it does not "
     "speak TLS either": "服务器未应答 MongoDB hello 就关闭了连接，并且它也不使用 TLS",
     "; or, on MariaDB, the server requires SSL (it reports that the same way): "

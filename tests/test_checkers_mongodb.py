@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -169,6 +170,18 @@ async def test_no_listed_host_answers(faults: Faults) -> None:
     # each member named with what it answered, in words and by code
     assert (f"127.0.0.1:{faults.refused.port}: connection refused "
             f"({ErrorCode.CONNECTION_REFUSED.value})") in result["error_msg"]
+
+
+async def test_ipv6_members_are_named_as_written(faults: Faults) -> None:
+    with socket.socket(socket.AF_INET6) as refused6:  # bound, never listening
+        refused6.bind(("::1", 0))
+        port6 = refused6.getsockname()[1]
+        hosts = f"127.0.0.1:{faults.refused.port},[::1]:{port6}"
+        result = await probe_one(job("mongodb", hosts, "u", "p"))
+    assert code_of(result) == ErrorCode.NO_REACHABLE_MEMBER.value
+    message = result["error_msg"]
+    # both were listed (none advertised), each named as the user wrote it
+    assert f"[::1]:{port6}: connection refused" in message and "advertised" not in message, message
 
 
 async def test_a_streaming_server_gets_two_connections_per_probe() -> None:

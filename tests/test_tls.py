@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
 import glob
@@ -353,3 +354,19 @@ async def test_plaintext_to_a_tls_only_mongodb(engines: dict[str, Engine]) -> No
     engine = engines["mongodb"]
     result = await probe_one(engine, engine.tls_port, None)
     assert code(result) == ErrorCode.SSL_REQUIRED_BY_SERVER.value, result
+
+
+@pytest.mark.anyio
+async def test_a_tls_server_that_is_not_mongodb(engines: dict[str, Engine], pki: TestPKI) -> None:
+    # ssl_link is already true: the message must not tell the user to set it.
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)  # the hello, over TLS
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0,
+                                        ssl=pki.server_tls().server_context())
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        result = await probe_one(engines["mongodb"], port, material(pki.ca_pem(), "ca.pem"))
+    assert code(result) == ErrorCode.PROTOCOL_MISMATCH.value, result
+    assert "not MongoDB" in result["error_msg"] and "ssl_link" not in result["error_msg"], result

@@ -228,8 +228,10 @@ class MongoDBChecker(Checker):
             )
         except (ProbeFailure, PyMongoError) as exc:
             failure = exc if isinstance(exc, ProbeFailure) else classify(exc, target, trace, client)
-            if failure.cause == _HUNG_UP and target.tls is None:
-                failure = await _hung_up_on(seeds[0], failure, trace)
+            if failure.cause == _HUNG_UP:
+                failure = (await _hung_up_on(seeds[0], failure, trace) if target.tls is None
+                           else ProbeFailure(ErrorCode.PROTOCOL_MISMATCH, target=failure.target,
+                                             cause=_HUNG_UP_IN_TLS))
             raise failure from None
         finally:
             if client is not None:
@@ -307,6 +309,8 @@ class MongoDBChecker(Checker):
 
 _HUNG_UP = ("the server closed the connection without answering the MongoDB hello: it is not "
             "MongoDB, or it requires TLS (then set ssl_link to true)")
+_HUNG_UP_IN_TLS = ("the server completed the TLS handshake, then closed the connection "
+                   "without answering the MongoDB hello: it is not MongoDB")
 _HUNG_UP_NOT_TLS = ("the server closed the connection without answering the MongoDB hello, "
                     "and it does not speak TLS either")
 
@@ -529,13 +533,16 @@ def _topology_failure(
     where = trace.address or target.label
     single = len(target.hosts) == 1
     failures = {
-        f"{host}:{port}": _member_failure(sd.error, f"{host}:{port}", trace, single,
-                                          unknown=sd.server_type_name == "Unknown")
-        for (host, port), sd in client.topology_description.server_descriptions().items()
+        str(member): _member_failure(sd.error, str(member), trace, single,
+                                     unknown=sd.server_type_name == "Unknown")
+        for member, sd in (
+            (HostPort(host, port), sd)
+            for (host, port), sd in client.topology_description.server_descriptions().items()
+        )
     }
     if single and len(failures) == 1:
         return next(iter(failures.values()))
-    listed = {str(h) for h in target.hosts}
+    listed = {str(h).lower() for h in target.hosts}  # PyMongo lowercases host names
     advertised = sorted(set(failures) - listed)
     summary = "; ".join(f"{m}: {f.code.name.lower().replace('_', ' ')} ({f.code.value})"
                         for m, f in sorted(failures.items()))
