@@ -536,7 +536,7 @@ def _topology_failure(
         str(member): _member_failure(sd.error, str(member), trace, single,
                                      unknown=sd.server_type_name == "Unknown")
         for member, sd in (
-            (HostPort(host, port), sd)
+            (HostPort(host, port or 27017), sd)
             for (host, port), sd in client.topology_description.server_descriptions().items()
         )
     }
