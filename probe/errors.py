@@ -317,6 +317,8 @@ _ZH_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"longer than (\d+) characters", r"超过 \1 个字符"),
         (r"not JSON at line (\d+), column (\d+)", r"不是合法的 JSON（第 \1 行第 \2 列）"),
         (r"no answer within (\S+) s", r"\1 秒内无应答"),
+        (r"cut by the batch deadline \(--batch-timeout\) after (\S+) s",
+         r"\1 秒后被批次截止时间（--batch-timeout）中断"),
         (r"waited (\S+) s", r"已等待 \1 秒"),
         (r"an? (\w+) server answers on this port", r"该端口上是 \1 服务"),
         (r"the server's answer is not (\w+)", r"服务器的应答不是 \1 协议"),
@@ -373,14 +375,14 @@ def render(
     return template.format(target=target or "the endpoint", field=field, cause=cause)
 
 
-# DRS.C10099 when the prober itself ran out of a resource (file descriptors, memory,
-# local ports): the message must not leave the user thinking the target failed.
+# DRS.C10099 when the prober hit a limit of its own (file descriptors, memory, local
+# ports, the batch deadline): the message must not leave the user thinking the target failed.
 _LOCAL_LIMIT = CatalogEntry(
     200,
-    "The prober ran out of a local resource while testing {target}{cause}. This is a "
+    "The prober reached a limit of its own while testing {target}{cause}. This is a "
     "limit of the prober itself, not a fault of the target: retry with fewer endpoints at "
     "once or raise the prober's limits.",
-    "测试 {target} 时探测端本地资源不足{cause}。这是探测端自身的限制，不是目标的故障："
+    "测试 {target} 时达到了探测端自身的限制{cause}。这是探测端自身的限制，不是目标的故障："
     "请减少同时测试的端点数量或提高探测端的资源上限后重试。",
 )
 

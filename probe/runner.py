@@ -457,8 +457,10 @@ class Prober:
                     if self._now() >= batch_deadline:  # it passed while this waited
                         outcome = _never_started(endpoint)
                     else:
-                        deadline = min(self._now() + self.settings.deadline, batch_deadline)
-                        outcome = await self._probe_endpoint(endpoint, deadline, materials)
+                        own = self._now() + self.settings.deadline
+                        outcome = await self._probe_endpoint(
+                            endpoint, min(own, batch_deadline), materials,
+                            by_batch=batch_deadline < own)
                 finally:
                     self._fds.release(fds)
             finally:
@@ -495,10 +497,12 @@ class Prober:
             self._hosts[host] = (limiter, users - 1)
 
     async def _probe_endpoint(
-        self, endpoint: Endpoint, deadline: float, materials: _BatchMaterials
+        self, endpoint: Endpoint, deadline: float, materials: _BatchMaterials,
+        *, by_batch: bool = False,
     ) -> Outcome:
         self.probes_started += 1
         trace = Trace(deadline, self.settings.connect_timeout, self.settings.policy)
+        trace.batch_deadline = by_batch
         label = _label(endpoint)
         started = time.perf_counter()
         facts: Facts | None = None

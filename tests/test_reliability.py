@@ -812,7 +812,7 @@ def test_running_out_of_descriptors_is_the_probers_fault_not_the_targets(loop: s
     assert set(result["codes"]) <= {C.INTERNAL.value, C.CONNECTION_REFUSED.value}
     assert result["codes"].get(C.INTERNAL.value, 0) >= 30
     for message in result["messages"]:
-        assert "prober ran out of a local resource" in message and "EMFILE" in message
+        assert "limit of its own" in message and "EMFILE" in message
         assert "not a fault of the target" in message
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections import Counter
 from typing import Any
@@ -175,6 +176,10 @@ async def test_batch_deadline_answers_every_job(faults: Faults) -> None:
     # Two ran into the batch deadline mid-handshake; two never started: nothing
     # was sent to them, so the prober's limit is named, not the target.
     assert codes == ["DRS.C10015"] * 2 + ["DRS.C10099"] * 2
+    # the time since the probe started, not the sum of nested phases (login holds connect)
+    cut = re.search(r"cut by the batch deadline \(--batch-timeout\) after (\S+) s",
+                    response.results[0].error_msg or "")
+    assert cut is not None and 0.5 <= float(cut.group(1)) <= 1.5, response.results[0].error_msg
     message = response.results[3].error_msg or ""
     assert "batch deadline passed before the probe started" in message
     assert "not a fault of the target" in message

@@ -84,6 +84,8 @@ class Trace:
         self.connect_timeout = connect_timeout
         self.policy = policy  # applied by the loop hook to every connect of this probe
         self.stage = "queued"
+        self.batch_deadline = False  # the deadline is the batch's, before the probe's own
+        self.started = time.perf_counter()
         self.phases: dict[str, float] = {}
         self.address: str | None = None
         self.tcp_connected = False
@@ -163,7 +165,10 @@ class Trace:
         return Facts(address=address, tls=tls) if tls or address else None
 
     def _waited(self) -> str:
-        return f"waited {sum(self.phases.values()) / 1000:.1f} s" if self.phases else ""
+        waited = time.perf_counter() - self.started  # phases nest (login holds connect)
+        if self.batch_deadline:  # the user's batch deadline cut it, not the target's silence
+            return f"cut by the batch deadline (--batch-timeout) after {waited:.1f} s"
+        return f"waited {waited:.1f} s" if self.phases else ""
 
 
 _current: ContextVar[Trace | None] = ContextVar("probe_trace", default=None)
