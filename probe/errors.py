@@ -452,6 +452,7 @@ def scrub(text: str, *secrets: str | None) -> str:
     """
     text = _URL_USERINFO.sub("***@", text)
     for secret in secrets:
-        if secret and len(secret) >= 3:
-            text = text.replace(secret, "***")
+        if secret and len(secret) >= 3 and secret.casefold() in text.casefold():
+            # in any case: a host name comes back lowercased from the resolver
+            text = re.sub(re.escape(secret), "***", text, flags=re.IGNORECASE)
     return text

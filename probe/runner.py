@@ -40,7 +40,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from probe.addresses import NetworkPolicy, hosts_label
 from probe.checkers import CHECKERS, Checker, Facts, Target, Trace
 from probe.checkers.base import tracing
-from probe.errors import ErrorCode, Language, ProbeFailure, RequestInvalid, language
+from probe.errors import ErrorCode, Language, ProbeFailure, RequestInvalid, language, scrub
 from probe.models import (
     BatchConnectionResponse,
     CheckJobResp,
@@ -535,6 +535,7 @@ class Prober:
             log.warning("%s probing %s: %s", what, label, failure.cause)
         if failure is not None:
             facts = trace.failure_facts()
+            failure = _without_secrets(failure, endpoint)
         outcome = Outcome(facts, failure, (time.perf_counter() - started) * 1000, trace.phases)
         if self.observer is not None:
             self.observer(endpoint.db_type, outcome)
@@ -585,6 +586,18 @@ def _label(endpoint: Endpoint) -> str:
 
 def _with_target(exc: ProbeFailure, target: str) -> ProbeFailure:
     return ProbeFailure(exc.code, target=target, cause=exc.cause, local=exc.local)
+
+
+def _without_secrets(exc: ProbeFailure, endpoint: Endpoint) -> ProbeFailure:
+    """`exc` with the endpoint's passwords masked wherever a field the user set
+    (a host, a db_name) or a server's text has carried one into it."""
+    secrets = (endpoint.db_password.get_secret_value(),
+               endpoint.ssl_cert_password.get_secret_value() if endpoint.ssl_cert_password
+               else None)
+    target, cause = scrub(exc.target, *secrets), scrub(exc.cause, *secrets)
+    if (target, cause) == (exc.target, exc.cause):
+        return exc
+    return ProbeFailure(exc.code, target=target, cause=cause, local=exc.local)
 
 
 def _with_cause(exc: ProbeFailure, more: str) -> ProbeFailure:

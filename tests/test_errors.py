@@ -47,6 +47,13 @@ def test_messages_never_contain_the_password() -> None:
         assert password not in repr(failure) and password not in str(failure)
 
 
+def test_scrub_masks_a_secret_in_any_case() -> None:
+    # a host name comes back lowercased from the resolver
+    assert scrub("cannot resolve canary-secret-9931:1", "Canary-Secret-9931") == (
+        "cannot resolve ***:1")
+    assert scrub("ab and AB", "ab") == "ab and AB"  # shorter than 3: nothing to mask
+
+
 def test_language_falls_back_to_english() -> None:
     assert language("zh-CN") == "zh-cn"
     assert language("fr-fr") == "en-us" and language(None) == "en-us"

@@ -413,6 +413,15 @@ class BuggyChecker(Checker):
         raise RuntimeError(f"driver bug: dsn=mysql://u:{target.password}@h/db")
 
 
+async def test_a_password_typed_into_another_field_is_masked(pg: PostgresServer) -> None:
+    # A job whose db_name is its (correct) password: the server says the database
+    # does not exist, and the answer names db_name without echoing it.
+    body = job("postgresql", pg.port, PG_USER.name, PG_USER.password, db_name=PG_USER.password)
+    result = (await Prober(FAST).run({"jobs": [body]})).results[0]
+    assert result.error_code == ErrorCode.DATABASE_NOT_FOUND.value
+    assert PG_USER.password not in (result.error_msg or "") and "***" in (result.error_msg or "")
+
+
 async def test_no_secret_leaves_the_library(
     net: Network, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str],
     pki: TestPKI, pg: PostgresServer, pg_tls: PostgresServer, maria: MariaDBServer,

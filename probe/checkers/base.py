@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import anyio
 
 from probe.addresses import HostPort, NetworkPolicy, Resolved, hosts_label, resolve
-from probe.errors import ErrorCode, ProbeFailure
+from probe.errors import ErrorCode, ProbeFailure, scrub
 from probe.tls import PeerHandshake, observe_handshakes, recording_handshakes
 
 if TYPE_CHECKING:
@@ -59,6 +59,12 @@ class Target:
     @property
     def label(self) -> str:
         return hosts_label(self.hosts)
+
+    @property
+    def database_shown(self) -> str:
+        """``db_name 'x'`` for a message, masked first: quoting escapes what a
+        later scrub would look for."""
+        return f"db_name {scrub(self.database or '', self.password)!r}"
 
     def __repr__(self) -> str:
         return f"Target({self.db_type} {self.user}@{self.label}, tls={self.tls is not None})"

@@ -230,12 +230,12 @@ def classify(exc: BaseException, target: Target, address: Resolved, trace: Trace
         code = _ERRNO_CODES.get(number)
         message = scrub(str(exc.args[1]) if len(exc.args) > 1 else "", target.password)
         if code is ErrorCode.DATABASE_NOT_FOUND:
-            return ProbeFailure(code, target=where, cause=f"db_name {target.database!r}")
+            return ProbeFailure(code, target=where, cause=target.database_shown)
         if number == ER.DBACCESS_DENIED_ERROR:
             # Also the answer for a database that does not exist, to an account
             # without rights on it: the server does not tell which.
             return ProbeFailure(ErrorCode.ACCESS_DENIED, target=where,
-                                cause=f"no privilege on db_name {target.database!r}, or no "
+                                cause=f"no privilege on {target.database_shown}, or no "
                                       "such database (the server does not say which)")
         if code is ErrorCode.AUTH_FAILED and target.tls is None and trace.server_offers_tls:
             # MariaDB answers a plaintext login under require_secure_transport

@@ -125,7 +125,7 @@ def classify(exc: BaseException, target: Target, address: Resolved, trace: Trace
             # text tells (a server with translated messages stays ACCESS_DENIED)
             return ProbeFailure(ErrorCode.AUTH_FAILED, target=where, cause=_short(message))
         if code is ErrorCode.DATABASE_NOT_FOUND:
-            return ProbeFailure(code, target=where, cause=f"db_name {target.database!r}")
+            return ProbeFailure(code, target=where, cause=target.database_shown)
         return ProbeFailure(code, target=where, cause=_short(message))
     if target.tls is not None and trace.first_answer == b"N":
         # The server answered our SSLRequest with N: it does not do TLS.
