@@ -259,6 +259,7 @@ _ZH_CAUSES: dict[str, str] = {
     "must be an object": "必须是对象",
     "expected a JSON object": "应为 JSON 对象",
     "it is not UTF-8": "不是 UTF-8 编码",
+    "it is empty": "为空",
     "nested too deeply": "嵌套层数过多",
     "a number JSON does not allow, or too long to read": "包含 JSON 不允许的数字，或数字过长",
     "must be an array": "必须是数组",

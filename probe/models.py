@@ -288,6 +288,8 @@ def decode_body(data: bytes) -> Any:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise RequestInvalid(ErrorCode.MALFORMED_BODY, cause="it is not UTF-8") from None
+    if not text.strip():
+        raise RequestInvalid(ErrorCode.MALFORMED_BODY, cause="it is empty")
     try:
         return json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:

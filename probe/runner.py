@@ -137,8 +137,10 @@ class ProbeSettings:
             if value is not None and not 0 < value <= _LONGEST_TIMEOUT:  # NaN fails too
                 raise ValueError(f"{name} ({where}) must be more than 0 and at most "
                                  f"{_LONGEST_TIMEOUT:g} seconds (a day)")
-        if self.concurrency < 1 or self.per_host < 1:
-            raise ValueError("concurrency and per_host must be at least 1")
+        for name, where in (("concurrency", "--concurrency, PROBE_CONCURRENCY"),
+                            ("per_host", "--per-host, PROBE_PER_HOST")):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} ({where}) must be at least 1")
 
     @property
     def effective_concurrency(self) -> int:
@@ -163,9 +165,14 @@ class ProbeSettings:
                 except ValueError:
                     raise ValueError(f"{key} must be a number") from None
         if env.get("PROBE_LANG"):
+            if env["PROBE_LANG"].strip().lower() not in ("en-us", "zh-cn"):
+                raise ValueError("PROBE_LANG must be en-us or zh-cn")
             values["language"] = language(env["PROBE_LANG"])
         if env.get("PROBE_VERIFY_HOSTNAME"):
-            values["verify_hostname"] = env["PROBE_VERIFY_HOSTNAME"].lower() in ("1", "true", "yes")
+            flag = env["PROBE_VERIFY_HOSTNAME"].strip().lower()
+            if flag not in ("1", "true", "yes", "0", "false", "no"):
+                raise ValueError("PROBE_VERIFY_HOSTNAME must be true or false (1/0, yes/no)")
+            values["verify_hostname"] = flag in ("1", "true", "yes")
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 

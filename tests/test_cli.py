@@ -95,6 +95,7 @@ def test_bad_input_is_one_line_never_a_traceback(tmp_path: Path) -> None:
     cases = [
         (["/no/such/file.json"], None, "cannot read"),
         (["-"], "{not json", "DRS.M00200"),
+        (["-"], " \n", "is empty"),
         (["-"], "[]", "DRS.M00200"),
         (["-"], "[1, 2]", "expected a JSON object"),
         (["-"], '{"jobs": []}', "DRS.M00201"),

@@ -254,8 +254,14 @@ def test_settings_from_environment() -> None:
     settings = ProbeSettings.from_env(env, per_host=2)
     assert (settings.deadline, settings.concurrency, settings.per_host, settings.language) == (
         2.5, 7, 2, "zh-cn")
-    with pytest.raises(ValueError):
-        ProbeSettings.from_env({"PROBE_TIMEOUT": "soon"})
+    assert ProbeSettings.from_env({"PROBE_VERIFY_HOSTNAME": "No"}).verify_hostname is False
+    for env, says in (({"PROBE_TIMEOUT": "soon"}, "PROBE_TIMEOUT"),
+                      ({"PROBE_LANG": "fr"}, "PROBE_LANG"),
+                      ({"PROBE_VERIFY_HOSTNAME": "maybe"}, "PROBE_VERIFY_HOSTNAME"),
+                      ({"PROBE_CONCURRENCY": "-5"}, "PROBE_CONCURRENCY"),
+                      ({"PROBE_PER_HOST": "0"}, "PROBE_PER_HOST")):
+        with pytest.raises(ValueError, match=says):
+            ProbeSettings.from_env(env)
 
 
 def test_run_batch_is_a_sync_helper(faults: Faults) -> None:
