@@ -169,6 +169,20 @@ class NetworkPolicy:
             ports=frozenset(ports),
         )
 
+    @classmethod
+    def from_text(cls, deny: str = "", allow: str = "", ports: str = "") -> NetworkPolicy:
+        """The policy of comma-separated option values (PROBE_DENY_CIDR, PROBE_ALLOW_CIDR,
+        PROBE_ALLOW_PORTS); ValueError names the option and the item it cannot use."""
+        for option, text in (("deny", deny), ("allow", allow)):
+            for item in _items(text):
+                try:
+                    ipaddress.ip_network(item, strict=False)
+                except ValueError:
+                    raise ValueError(f"--{option}-cidr / PROBE_{option.upper()}_CIDR: "
+                                     f"{item!r} is not a network (e.g. 10.0.0.0/8)") from None
+        return cls.build(deny=_items(deny), allow=_items(allow),
+                         ports=parse_ports(ports, "--allow-ports / PROBE_ALLOW_PORTS"))
+
     def allows(self, address: IPAddress, port: int) -> bool:
         if self.ports and port not in self.ports:
             return False
@@ -177,6 +191,20 @@ class NetworkPolicy:
         if any(address in net for net in self.deny):
             return False
         return not self.allow or any(address in net for net in self.allow)
+
+
+def _items(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def parse_ports(text: str, source: str) -> list[int]:
+    """The ports of a comma-separated list; ValueError names `source` and the bad item."""
+    ports: list[int] = []
+    for item in _items(text):
+        if not item.isdigit() or not 1 <= int(item) <= 65535:
+            raise ValueError(f"{source}: {item!r} is not a port from 1 to 65535")
+        ports.append(int(item))
+    return ports
 
 
 # ---------------------------------------------------------------- resolution

@@ -57,7 +57,8 @@ def _port(text: str) -> int:
 _RUN_EPILOG = """\
 exit codes: 0 every job succeeded, 1 some failed, 2 the input or an option was unusable.
 The probe settings also come from PROBE_TIMEOUT, PROBE_CONNECT_TIMEOUT, PROBE_CONCURRENCY,
-PROBE_PER_HOST, PROBE_BATCH_TIMEOUT, PROBE_LANG and PROBE_VERIFY_HOSTNAME; flags win."""
+PROBE_PER_HOST, PROBE_BATCH_TIMEOUT, PROBE_LANG, PROBE_VERIFY_HOSTNAME, PROBE_DENY_CIDR,
+PROBE_ALLOW_CIDR and PROBE_ALLOW_PORTS; flags win."""
 _SERVE_EPILOG = """\
 Every option also comes from the environment (flags win): PROBE_HOST, PROBE_PORT,
 PROBE_WORKERS, PROBE_MAX_JOBS, PROBE_MAX_BODY, PROBE_TOKENS_FILE, PROBE_INSECURE_NO_AUTH=1,
@@ -88,10 +89,24 @@ def add_probe_options(parser: argparse.ArgumentParser) -> None:
                         help="language of every error_msg (default en-us)")
     parser.add_argument("--verify-hostname", action="store_true", default=None,
                         help="check the server certificate's host name too")
+    parser.add_argument("--deny-cidr", action="append", default=[], metavar="CIDR",
+                        help="never connect into this network (repeatable; adds to the "
+                             "default denials: link-local/metadata, multicast, unspecified)")
+    parser.add_argument("--allow-cidr", action="append", default=[], metavar="CIDR",
+                        help="connect only into these networks (repeatable)")
+    parser.add_argument("--allow-ports", metavar="LIST",
+                        help="connect only to these ports, e.g. 3306,5432,8635")
 
 
 def settings_from(args: argparse.Namespace) -> ProbeSettings:
+    env = dict(os.environ)
+    for flag, key in ((",".join(args.deny_cidr), "PROBE_DENY_CIDR"),
+                      (",".join(args.allow_cidr), "PROBE_ALLOW_CIDR"),
+                      (args.allow_ports, "PROBE_ALLOW_PORTS")):
+        if flag:  # a policy flag replaces its variable
+            env[key] = flag
     return ProbeSettings.from_env(
+        env,
         deadline=args.timeout,
         connect_timeout=args.connect_timeout,
         concurrency=args.concurrency,
@@ -152,12 +167,6 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tasks-file", metavar="F", help="JSON task states for the DRS task rules")
     serve.add_argument("--task-provider", metavar="MODULE:FACTORY",
                        help="a custom TaskStateProvider factory")
-    serve.add_argument("--deny-cidr", action="append", default=[], metavar="CIDR",
-                       help="never connect into this network (repeatable)")
-    serve.add_argument("--allow-cidr", action="append", default=[], metavar="CIDR",
-                       help="connect only into these networks (repeatable)")
-    serve.add_argument("--allow-ports", metavar="LIST",
-                       help="connect only to these ports, e.g. 3306,5432,8635")
     add_probe_options(serve)
     return parser
 

@@ -149,7 +149,8 @@ class ProbeSettings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> ProbeSettings:
         """Settings from PROBE_TIMEOUT, PROBE_CONNECT_TIMEOUT, PROBE_CONCURRENCY, PROBE_PER_HOST,
-        PROBE_BATCH_TIMEOUT, PROBE_LANG, PROBE_VERIFY_HOSTNAME; `overrides` (not None) win."""
+        PROBE_BATCH_TIMEOUT, PROBE_LANG, PROBE_VERIFY_HOSTNAME and the network policy's
+        PROBE_DENY_CIDR, PROBE_ALLOW_CIDR, PROBE_ALLOW_PORTS; `overrides` (not None) win."""
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for name, key, kind in (
@@ -173,6 +174,11 @@ class ProbeSettings:
             if flag not in ("1", "true", "yes", "0", "false", "no"):
                 raise ValueError("PROBE_VERIFY_HOSTNAME must be true or false (1/0, yes/no)")
             values["verify_hostname"] = flag in ("1", "true", "yes")
+        if overrides.get("policy") is None and any(
+                env.get(f"PROBE_{k}") for k in ("DENY_CIDR", "ALLOW_CIDR", "ALLOW_PORTS")):
+            values["policy"] = NetworkPolicy.from_text(env.get("PROBE_DENY_CIDR", ""),
+                                                       env.get("PROBE_ALLOW_CIDR", ""),
+                                                       env.get("PROBE_ALLOW_PORTS", ""))
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 

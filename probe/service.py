@@ -52,7 +52,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from probe.addresses import NetworkPolicy
+from probe.addresses import NetworkPolicy, parse_ports
 from probe.checkers import CHECKERS, Checker, Facts, Target, Trace
 from probe.errors import ErrorCode, Language, RequestInvalid, language
 from probe.models import (
@@ -757,15 +757,10 @@ def _env_list(env: Mapping[str, str], key: str) -> list[str]:
 
 
 def _ports(text: str, source: str) -> list[int]:
-    ports: list[int] = []
-    for item in text.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        if not item.isdigit() or not 1 <= int(item) <= 65535:
-            raise ConfigError(f"{source}: {item!r} is not a port from 1 to 65535")
-        ports.append(int(item))
-    return ports
+    try:
+        return parse_ports(text, source)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _truthy(value: str | None) -> bool:

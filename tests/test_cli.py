@@ -210,3 +210,29 @@ def test_progress_bar_on_a_terminal_and_json_still_on_stdout(
     assert proc.returncode == 1
     assert [r["id"] for r in json.loads(out)["results"]] == [f"j{i}" for i in range(20)]
     assert b"probing" in seen and b"20/20" in seen, seen[-400:]
+
+
+def test_run_takes_the_network_policy_from_flags_and_environment(
+    tmp_path: Path, faults: Faults
+) -> None:
+    batch = write(tmp_path, {"jobs": [job("mysql", faults.refused.port, "u", "p")]})
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PROBE_")}
+
+    def code(argv: list[str], **env: str) -> tuple[int, str]:
+        done = subprocess.run([*PROBE, batch, *argv], capture_output=True, text=True,
+                              timeout=60, env={**base, **env})
+        if done.returncode == 2:
+            return 2, done.stderr
+        return done.returncode, json.loads(done.stdout)["results"][0]["error_code"]
+
+    denied, refused = "DRS.C10017", "DRS.C10012"
+    assert code([]) == (1, refused)
+    assert code(["--deny-cidr", "127.0.0.0/8"]) == (1, denied)
+    assert code([], PROBE_ALLOW_PORTS="5432,3306") == (1, denied)
+    assert code(["--allow-ports", str(faults.refused.port)], PROBE_ALLOW_PORTS="5432") == (
+        1, refused)  # the flag replaces its variable
+    assert code([], PROBE_ALLOW_CIDR="10.0.0.0/8") == (1, denied)
+    status, stderr = code(["--allow-cidr", "10.0.0.0/33"])
+    assert status == 2 and "10.0.0.0/33" in stderr and len(stderr.strip().splitlines()) == 1
+    status, stderr = code([], PROBE_ALLOW_PORTS="mysql")
+    assert status == 2 and "PROBE_ALLOW_PORTS" in stderr and "Traceback" not in stderr
