@@ -435,8 +435,14 @@ class RequestInvalid(Exception):
     def http_status(self) -> int:
         return CATALOG[self.code].http_status
 
+    others: int = 0  # further invalid jobs of the same request (strict validation)
+
     def message(self, lang: Language = "en-us") -> str:
-        return render(self.code, lang, field=self.field, cause=self.cause)
+        text = render(self.code, lang, field=self.field, cause=self.cause)
+        if self.others:
+            text += (f"（另有 {self.others} 个任务无效）" if lang == "zh-cn"
+                     else f" ({self.others} more invalid {'job' if self.others == 1 else 'jobs'})")
+        return text
 
     def __str__(self) -> str:
         return f"{self.code.value}: {self.message()}"

@@ -323,9 +323,10 @@ def parse_jobs(body: Any, *, strict: bool = False) -> list[Endpoint | RequestInv
         raise RequestInvalid(ErrorCode.PARAMETER_INVALID, field="jobs", cause="must be an array")
     parsed = [parse_job(raw, i) for i, raw in enumerate(jobs)]
     if strict:
-        for item in parsed:
-            if isinstance(item, RequestInvalid):
-                raise item
+        invalid = [item for item in parsed if isinstance(item, RequestInvalid)]
+        if invalid:
+            invalid[0].others = len(invalid) - 1
+            raise invalid[0]
     return parsed
 
 

@@ -70,6 +70,19 @@ def test_unknown_fields_are_ignored_and_ids_may_repeat() -> None:
     assert [p.id for p in parsed if isinstance(p, Endpoint)] == [job()["id"]] * 2
 
 
+def test_strict_names_the_first_invalid_job_and_counts_the_others() -> None:
+    body = {"jobs": [job(), job(db_port=0), job(db_type="db2"), job(net_type="lan")]}
+    with pytest.raises(RequestInvalid) as info:
+        parse_jobs(body, strict=True)
+    assert info.value.field == "jobs[1].db_port"
+    assert info.value.message().endswith("(2 more invalid jobs)")
+    assert info.value.message("zh-cn").endswith("（另有 2 个任务无效）")
+    body["jobs"] = body["jobs"][:2]
+    with pytest.raises(RequestInvalid) as info:
+        parse_jobs(body, strict=True)
+    assert "more invalid" not in info.value.message()
+
+
 def test_empty_password_is_allowed_but_missing_is_not() -> None:
     assert isinstance(parse_job(job(db_password=""), 0), Endpoint)
     p = problem(job(db_password=...))
