@@ -314,7 +314,6 @@ _ZH_CAUSES: dict[str, str] = {
 _ZH_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
     (re.compile(pattern), zh) for pattern, zh in (
         (r"one of (.+)", r"应为以下之一：\1"),
-        (r"((?:'[^']*', )*'[^']*') or ('[^']*')", r"应为以下之一：\1, \2"),  # pydantic Literal
         (r"longer than (\d+) characters", r"超过 \1 个字符"),
         (r"not JSON at line (\d+), column (\d+)", r"不是合法的 JSON（第 \1 行第 \2 列）"),
         (r"no answer within (\S+) s", r"\1 秒内无应答"),

@@ -257,7 +257,9 @@ def problem_from(exc: ValidationError, index: int) -> RequestInvalid:
     missing = first["type"] in _MISSING_TYPES
     code = ErrorCode.PARAMETER_EMPTY if missing else ErrorCode.PARAMETER_INVALID
     cause = ""
-    if first["type"].startswith("probe_") or first["type"] == "literal_error":
+    if first["type"] == "literal_error":  # "Input should be 'vpn', 'vpc' or 'eip'"
+        cause = "one of " + first["msg"].removeprefix("Input should be ").replace(" or ", ", ")
+    elif first["type"].startswith("probe_"):
         cause = first["msg"].removeprefix("Input should be ")
     elif first["type"] != "missing":
         cause = first["msg"].split(",")[0].lower()

@@ -92,7 +92,7 @@ def test_formatted_causes_have_chinese_texts_and_driver_text_stays() -> None:
     strangers = [describe_stranger(b) for b in (b"SSH-2.0-x", b"HTTP/1.1 400", b"R\0\0\0\x08")]
     formatted = [*strangers, "one of mysql, postgresql", "longer than 1024 characters",
                  "no answer within 2 s", "waited 3.0 s", "the server's answer is not MySQL",
-                 "tried 127.0.0.1:1: DRS.C10012", "it is RUNNING", "'vpn', 'vpc' or 'eip'",
+                 "tried 127.0.0.1:1: DRS.C10012", "it is RUNNING", "one of 'vpn', 'vpc', 'eip'",
                  "the server sent nothing for 2.0 s, then something that is not a MySQL greeting"]
     for cause in formatted:
         assert cause is not None and cause_zh(cause) != cause, cause
