@@ -282,6 +282,8 @@ _ZH_CAUSES: dict[str, str] = {
     "the PEM file holds no readable certificate": "PEM 文件中没有可读取的证书",
     "not a PKCS#12 file, or the ssl_cert_password is wrong":
         "不是 PKCS#12 文件，或 ssl_cert_password 错误",
+    "not a PKCS#12 file, or it needs an ssl_cert_password, which is not given":
+        "不是 PKCS#12 文件，或需要 ssl_cert_password 但未提供",
     "the PKCS#12 file holds no certificate": "PKCS#12 文件中没有证书",
     "not a PEM, DER or PKCS#12 certificate": "不是 PEM、DER 或 PKCS#12 格式的证书",
     "the certificate cannot be used as a CA": "该证书不能用作 CA",

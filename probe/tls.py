@@ -76,6 +76,9 @@ def _certificates(data: bytes, name: str, password: str | None) -> list[x509.Cer
         try:
             return _pkcs12_certificates(data, password)
         except ValueError:
+            if password is None:
+                raise _invalid("not a PKCS#12 file, or it needs an ssl_cert_password, which "
+                               "is not given") from None
             raise _invalid("not a PKCS#12 file, or the ssl_cert_password is wrong") from None
     try:
         return [x509.load_der_x509_certificate(data)]

@@ -196,11 +196,15 @@ async def test_bad_material_fails_before_any_traffic(
         ({**good, "ssl_cert_check_sum": "0" * 64}, ErrorCode.SSL_CHECKSUM_MISMATCH),
         ({**good, "ssl_cert_key": good["ssl_cert_key"][:-3]}, ErrorCode.SSL_CERT_INVALID),
         (material(pki.ca_pkcs12(P12_PASSWORD), "ca.p12", "not-it"), ErrorCode.SSL_CERT_INVALID),
+        (material(pki.ca_pkcs12(P12_PASSWORD), "ca.p12"), ErrorCode.SSL_CERT_INVALID),
     ]
     for tls, expected in cases:
         async with loopback_only() as guard:
             result = await probe_one(engine, engine.tls_port, tls)
         assert code(result) == expected.value, result
+        if tls["ssl_cert_name"] == "ca.p12":  # says whether the password is wrong or missing
+            says = "is wrong" if "ssl_cert_password" in tls else "is not given"
+            assert says in result["error_msg"], result
         assert guard.connects == [] and guard.lookups == [] and guard.blocked == []
 
 
