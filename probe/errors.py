@@ -459,8 +459,10 @@ def scrub(text: str, *secrets: str | None) -> str:
     driver message passes through here before it becomes a cause.
     """
     text = _URL_USERINFO.sub("***@", text)
-    for secret in secrets:
-        if secret and len(secret) >= 3 and secret.casefold() in text.casefold():
-            # in any case: a host name comes back lowercased from the resolver
-            text = re.sub(re.escape(secret), "***", text, flags=re.IGNORECASE)
+    lowered = text.lower()
+    masked = sorted({s for s in secrets if s and len(s) >= 3
+                     and (not s.isascii() or s.lower() in lowered)},  # skip compiling a miss
+                    key=len, reverse=True)
+    if masked:  # longest first (one may hold another); any case (resolvers lowercase names)
+        text = re.sub("|".join(map(re.escape, masked)), "***", text, flags=re.IGNORECASE)
     return text

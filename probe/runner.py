@@ -594,7 +594,14 @@ def _where(exc: BaseException) -> str:
 
 
 def _label(endpoint: Endpoint) -> str:
-    return hosts_label(endpoint.hosts())
+    """The endpoint's hosts for messages and logs, a password typed into them masked."""
+    return scrub(hosts_label(endpoint.hosts()), *_secrets(endpoint))
+
+
+def _secrets(endpoint: Endpoint) -> tuple[str, str | None]:
+    return (endpoint.db_password.get_secret_value(),
+            endpoint.ssl_cert_password.get_secret_value() if endpoint.ssl_cert_password
+            else None)
 
 
 def _with_target(exc: ProbeFailure, target: str) -> ProbeFailure:
@@ -604,9 +611,7 @@ def _with_target(exc: ProbeFailure, target: str) -> ProbeFailure:
 def _without_secrets(exc: ProbeFailure, endpoint: Endpoint) -> ProbeFailure:
     """`exc` with the endpoint's passwords masked wherever a field the user set
     (a host, a db_name) or a server's text has carried one into it."""
-    secrets = (endpoint.db_password.get_secret_value(),
-               endpoint.ssl_cert_password.get_secret_value() if endpoint.ssl_cert_password
-               else None)
+    secrets = _secrets(endpoint)
     target, cause = scrub(exc.target, *secrets), scrub(exc.cause, *secrets)
     if (target, cause) == (exc.target, exc.cause):
         return exc

@@ -844,10 +844,11 @@ def config_from(options: ServeOptions) -> ServiceConfig:
             raise ConfigError(f"task provider {options.task_provider}: "
                               f"{type(exc).__name__}: {exc}") from None
     try:
-        policy = NetworkPolicy.build(deny=options.deny_cidr, allow=options.allow_cidr,
-                                     ports=options.allow_ports)
+        policy = NetworkPolicy.from_text(",".join(options.deny_cidr),
+                                         ",".join(options.allow_cidr),
+                                         ",".join(map(str, options.allow_ports)))
     except ValueError as exc:
-        raise ConfigError(f"network policy: {exc}") from None
+        raise ConfigError(str(exc)) from None
     try:
         settings = ProbeSettings.from_env(**options.settings, policy=policy)
         return ServiceConfig(tokens=tokens, settings=settings, task_states=task_states,

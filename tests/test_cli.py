@@ -132,11 +132,14 @@ def test_strict_speaks_the_requested_language() -> None:
 
 
 def test_a_reader_that_leaves_early_is_no_error(tmp_path: Path, faults: Faults) -> None:
-    jobs = [job("mysql", faults.refused.port, f"u{i}", "p", id=f"j{i}") for i in range(300)]
+    # ~400 KB of answers, far more than a pipe holds: the write must hit the closed pipe
+    jobs = [job("mysql", faults.refused.port, f"u{i}", "p", id=f"j{i}") for i in range(2000)]
     pipeline = subprocess.run(
-        f"{' '.join(PROBE)} {write(tmp_path, {'jobs': jobs})} | head -c 10",
-        shell=True, capture_output=True, text=True, timeout=60)
+        ["bash", "-c", "set -o pipefail; \"$@\" | head -c 10", "-", *PROBE,
+         write(tmp_path, {"jobs": jobs})],
+        capture_output=True, text=True, timeout=120)
     assert len(pipeline.stdout) == 10
+    assert pipeline.returncode == 141, pipeline.stderr  # probe's, as a shell reports SIGPIPE
     assert "Traceback" not in pipeline.stderr and "BrokenPipe" not in pipeline.stderr
 
 

@@ -52,6 +52,8 @@ def test_scrub_masks_a_secret_in_any_case() -> None:
     assert scrub("cannot resolve canary-secret-9931:1", "Canary-Secret-9931") == (
         "cannot resolve ***:1")
     assert scrub("ab and AB", "ab") == "ab and AB"  # shorter than 3: nothing to mask
+    # one secret inside another: the longer is masked whole
+    assert scrub("p=Secret-Cert-99", "Secret", "Secret-Cert-99") == "p=***"
 
 
 def test_language_falls_back_to_english() -> None:

@@ -179,7 +179,7 @@ async def test_batch_deadline_answers_every_job(faults: Faults) -> None:
     # the time since the probe started, not the sum of nested phases (login holds connect)
     cut = re.search(r"cut by the batch deadline \(--batch-timeout\) after (\S+) s",
                     response.results[0].error_msg or "")
-    assert cut is not None and 0.5 <= float(cut.group(1)) <= 1.5, response.results[0].error_msg
+    assert cut is not None and 0.5 <= float(cut.group(1)) <= 2.5, response.results[0].error_msg
     message = response.results[3].error_msg or ""
     assert "batch deadline passed before the probe started" in message
     assert "not a fault of the target" in message

@@ -422,6 +422,23 @@ async def test_a_password_typed_into_another_field_is_masked(pg: PostgresServer)
     assert PG_USER.password not in (result.error_msg or "") and "***" in (result.error_msg or "")
 
 
+async def test_a_password_typed_as_the_host_is_masked(net: Network, faults: Faults) -> None:
+    # The resolver answers a name lowercased; the batch deadline answers jobs it
+    # never started from the job's own label: neither may echo the password.
+    net.names["canary-pw-7731"] = ["127.0.0.1"]
+    canary = {**job("mysql", faults.refused.port, "u", "Canary-Pw-7731"), "ip": "Canary-Pw-7731"}
+    blackhole = job("mysql", faults.blackhole.port, "u", "p", id="first")
+    ran = await Prober(FAST).run({"jobs": [canary]})
+    settings = ProbeSettings(deadline=2, concurrency=1, batch_deadline=0.3)
+    cut = await Prober(settings).run({"jobs": [blackhole, canary]})
+    answers = [ran.results[0], cut.results[1]]
+    assert [r.error_code for r in answers] == [ErrorCode.CONNECTION_REFUSED.value,
+                                               ErrorCode.INTERNAL.value], answers
+    for result in answers:
+        assert "canary-pw-7731" not in (result.error_msg or "").lower(), result
+    assert "testing ***:" in (cut.results[1].error_msg or ""), cut.results[1]
+
+
 async def test_no_secret_leaves_the_library(
     net: Network, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str],
     pki: TestPKI, pg: PostgresServer, pg_tls: PostgresServer, maria: MariaDBServer,
