@@ -458,7 +458,8 @@ def scrub(text: str, *secrets: str | None) -> str:
     Drivers sometimes echo a DSN or the password in their messages; every
     driver message passes through here before it becomes a cause.
     """
-    text = _URL_USERINFO.sub("***@", text)
+    if "://" in text:
+        text = _URL_USERINFO.sub("***@", text)
     lowered = text.lower()
     masked = sorted({s for s in secrets if s and len(s) >= 3
                      and (not s.isascii() or s.lower() in lowered)},  # skip compiling a miss
