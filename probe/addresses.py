@@ -240,7 +240,10 @@ async def resolve(target: HostPort, policy: NetworkPolicy) -> list[Resolved]:
         if not policy.allows(plain, target.port):
             raise ProbeFailure(ErrorCode.NETWORK_POLICY_DENIED, target=str(target))
         family = socket.AF_INET6 if literal.version == 6 else socket.AF_INET
-        return [Resolved(str(literal), target.port, family, target)]
+        mapped = literal.ipv4_mapped if isinstance(literal, ipaddress.IPv6Address) else None
+        # Python 3.11 writes ::ffff:127.0.0.1 as ::ffff:7f00:1: keep the readable form
+        text = f"::ffff:{mapped}" if mapped is not None and "%" not in target.host else str(literal)
+        return [Resolved(text, target.port, family, target)]
     try:
         infos = await anyio.getaddrinfo(
             target.host, target.port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP

@@ -69,6 +69,8 @@ async def test_resolution(net: Network) -> None:
     assert found and all(r.ip in ("127.0.0.1", "::1") for r in found)
     literal = await resolve(HostPort("::1", 1), NetworkPolicy())
     assert [str(r) for r in literal] == ["[::1]:1"]
+    mapped = await resolve(HostPort("::FFFF:127.0.0.1", 1), NetworkPolicy())
+    assert [str(r) for r in mapped] == ["[::ffff:127.0.0.1]:1"]  # not [::ffff:7f00:1]
     with pytest.raises(ProbeFailure) as caught:
         await resolve(HostPort("no-such-host.invalid", 1), NetworkPolicy())
     assert caught.value.code is ErrorCode.DNS_FAILURE
