@@ -514,9 +514,9 @@ class Prober:
         *, by_batch: bool = False,
     ) -> Outcome:
         self.probes_started += 1
-        trace = Trace(deadline, self.settings.connect_timeout, self.settings.policy)
-        trace.batch_deadline = by_batch
-        label = _label(endpoint)
+        trace = Trace(deadline, self.settings.connect_timeout, self.settings.policy,
+                      batch_deadline=by_batch)
+        label = hosts_label(endpoint.hosts())  # masked below, with the rest of a failure
         started = time.perf_counter()
         facts: Facts | None = None
         failure: ProbeFailure | None = None
@@ -537,18 +537,19 @@ class Prober:
                 raise  # this probe really is being cancelled (batch, stream, client gone)
             # A driver raised CancelledError while nobody cancelled the probe: an
             # error like any other, not a reason to leave the job without an answer.
-            log.error("internal error probing %s: a spurious CancelledError", label)
+            log.error("internal error probing %s: a spurious CancelledError", _label(endpoint))
             failure = ProbeFailure(ErrorCode.INTERNAL, target=label)
         except Exception as exc:  # a bug of ours or a driver's: answer, never escape
-            log.error("internal error probing %s: %s", label, _where(exc))
+            log.error("internal error probing %s: %s", _label(endpoint), _where(exc))
             failure = ProbeFailure(ErrorCode.INTERNAL, target=label)
-        if failure is not None and failure.code is ErrorCode.INTERNAL and failure.cause:
-            # The cause is a class name or a number, never driver text: safe to log.
-            what = "the prober ran out of a resource" if failure.local else "unclassified failure"
-            log.warning("%s probing %s: %s", what, label, failure.cause)
         if failure is not None:
             facts = trace.failure_facts()
             failure = _without_secrets(failure, endpoint)
+            if failure.code is ErrorCode.INTERNAL and failure.cause:
+                # The cause is a class name or a number, never driver text: safe to log.
+                what = ("the prober ran out of a resource" if failure.local
+                        else "unclassified failure")
+                log.warning("%s probing %s: %s", what, failure.target, failure.cause)
         outcome = Outcome(facts, failure, (time.perf_counter() - started) * 1000, trace.phases)
         if self.observer is not None:
             self.observer(endpoint.db_type, outcome)

@@ -84,13 +84,14 @@ class Trace:
     """Where one probe is and how long each phase took (milliseconds)."""
 
     def __init__(
-        self, deadline: float, connect_timeout: float, policy: NetworkPolicy | None = None
+        self, deadline: float, connect_timeout: float, policy: NetworkPolicy | None = None,
+        *, batch_deadline: bool = False,
     ) -> None:
         self.deadline = deadline  # loop time
         self.connect_timeout = connect_timeout
         self.policy = policy  # applied by the loop hook to every connect of this probe
         self.stage = "queued"
-        self.batch_deadline = False  # the deadline is the batch's, before the probe's own
+        self.batch_deadline = batch_deadline  # the deadline is the batch's, before the probe's own
         self.started = time.perf_counter()
         self.phases: dict[str, float] = {}
         self.address: str | None = None
